@@ -1,0 +1,212 @@
+//! Workload identities and, later, their certificates.
+//!
+//! This crate owns [`Identity`], the SPIFFE ID a tenant is known by
+//! (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`). The mesh issue adds the
+//! per-identity cert stores, CSRs, rotation and the CA's signing code here: `certs` is the only
+//! crate that will ever hold private keys.
+//!
+//! Must not touch: sockets, the tenancy crate, Kubernetes clients, the environment.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The trust domain used when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A string is not a SPIFFE ID of the workload shape.
+    #[error(
+        "invalid SPIFFE ID {value:?}: {reason} (expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+    )]
+    InvalidSpiffeId {
+        /// The offending input.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// One component of an identity is not a valid DNS-1123 name.
+    #[error("invalid {what} {value:?} for an identity: {reason}")]
+    InvalidName {
+        /// Which component (trust domain, namespace, service account).
+        what: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A workload identity: a Kubernetes service account in a trust domain.
+///
+/// All local pods with the same identity share one tenant.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+impl Identity {
+    /// Builds an identity from its parts, validating each.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self> {
+        check_trust_domain(trust_domain)?;
+        check_name("namespace", namespace)?;
+        check_name("service account", service_account)?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        })
+    }
+
+    /// The trust domain (e.g. `cluster.local`).
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The Kubernetes namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Kubernetes service account.
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+
+    /// A short, bounded label for metrics and logs: `<namespace>/<service-account>`.
+    pub fn short(&self) -> String {
+        format!("{}/{}", self.namespace, self.service_account)
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({self})")
+    }
+}
+
+impl FromStr for Identity {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let invalid = |reason| Error::InvalidSpiffeId {
+            value: s.to_owned(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| invalid("missing spiffe:// scheme"))?;
+        let mut parts = rest.split('/');
+        let td = parts.next().unwrap_or_default();
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Self::new(td, ns, sa),
+            _ => Err(invalid("path is not /ns/<namespace>/sa/<service-account>")),
+        }
+    }
+}
+
+impl Serialize for Identity {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Identity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks a Kubernetes DNS-1123 label (namespaces and service accounts are at most subdomains,
+/// but a `/` or an empty part would break the SPIFFE path, which is what matters here).
+fn check_name(what: &'static str, value: &str) -> Result<()> {
+    let bad = |reason| Error::InvalidName {
+        what,
+        value: value.to_owned(),
+        reason,
+    };
+    if value.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if value.len() > 253 {
+        return Err(bad("it is longer than 253 characters"));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err(bad(
+            "only lowercase letters, digits, '-' and '.' are allowed",
+        ));
+    }
+    if value.starts_with(['-', '.']) || value.ends_with(['-', '.']) {
+        return Err(bad("it must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+fn check_trust_domain(value: &str) -> Result<()> {
+    check_name("trust domain", value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_its_string_form() {
+        let id = Identity::new("cluster.local", "shop", "web").unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(id.to_string().parse::<Identity>().unwrap(), id);
+        assert_eq!(id.short(), "shop/web");
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, "\"spiffe://cluster.local/ns/shop/sa/web\"");
+        assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), id);
+    }
+
+    #[test]
+    fn rejects_malformed_ids_naming_the_value() {
+        for bad in [
+            "cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa",
+            "spiffe://cluster.local/ns/a/sa/b/c",
+            "spiffe://cluster.local/sa/a/ns/b",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://cluster.local/ns/A/sa/b",
+            "spiffe://cluster.local/ns/a/sa/-b",
+        ] {
+            let err = bad.parse::<Identity>().unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(bad) || msg.contains("invalid"), "{bad}: {msg}");
+        }
+        let err = "spiffe://cluster.local/ns/A/sa/b"
+            .parse::<Identity>()
+            .unwrap_err();
+        assert!(err.to_string().contains("\"A\""), "{err}");
+    }
+}

@@ -1,0 +1,66 @@
+//! Golden-file tests for `render`: the exact text `nodeproxy rules` prints.
+//! Run with `UPDATE_GOLDEN=1` to rewrite `tests/golden/*.nft` after an intended change.
+#![allow(clippy::unwrap_used)]
+
+use std::net::IpAddr;
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+
+use pretty_assertions::assert_eq;
+use redirect::{RuleSet, TableName, render};
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|ip| ip.parse().unwrap()).collect()
+}
+
+fn check_golden(name: &str, rules: &RuleSet) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.nft"));
+    let got = render(rules);
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    assert_eq!(want, got, "golden file {} differs", path.display());
+}
+
+#[test]
+fn no_pods() {
+    check_golden("no_pods", &RuleSet::default());
+}
+
+#[test]
+fn v4_only() {
+    // Out of order and duplicated on purpose: output is sorted and deduplicated.
+    let rules = RuleSet::default().with_pods(ips(&["10.244.1.7", "10.244.1.3", "10.244.1.7"]));
+    check_golden("v4_only", &rules);
+}
+
+#[test]
+fn v4_and_v6() {
+    let rules = RuleSet::default().with_pods(ips(&[
+        "10.244.1.3",
+        "fd00:10:244:1::3",
+        "10.244.1.7",
+        "fd00:10:244:1::7",
+        "::ffff:10.244.1.9",
+    ]));
+    check_golden("v4_and_v6", &rules);
+}
+
+#[test]
+fn custom_port_and_table() {
+    let rules = RuleSet::new(
+        TableName::new("np_custom").unwrap(),
+        NonZeroU16::new(16001).unwrap(),
+    )
+    .with_pods(ips(&["192.168.0.2", "2001:db8::2"]));
+    check_golden("custom_port_and_table", &rules);
+}
