@@ -1,0 +1,359 @@
+//! The daemon's lifecycle: start every room in order, apply view changes, shut down cleanly.
+//!
+//! Owns [`start`] and [`Running`]. Start order: load the node view → bind every listener (so a
+//! port in use fails before anything touches the kernel) → start the tenants' pools → start
+//! the admin runtime and the accept runtime (two threads of their own; neither does a
+//! tenant's work) → apply the capture rules → ready. Shutdown reverses it and removes the
+//! rules, so nothing is left in the kernel.
+//!
+//! Must not touch: the details of any phase (they live in their modules).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use certs::Identity;
+use controlplane::file::FileSource;
+use controlplane::view::NodeView;
+use tenancy::Pools;
+use tokio::sync::oneshot;
+
+use crate::admin::{self, AdminState, Role};
+use crate::config::{Capture, Config, EMBEDDED_CONFIG, ViewSource};
+use crate::metrics;
+use crate::outbound::{self, OrigDst, Outbound};
+use crate::state::{Readiness, Snapshot};
+
+/// Start-time choices that are not user configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions {
+    /// How original destinations are found.
+    pub orig_dst: OrigDst,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        Self {
+            orig_dst: OrigDst::Kernel,
+        }
+    }
+}
+
+/// Loads and translates the configured world view into this node's view.
+pub fn load_view(config: &Config) -> anyhow::Result<NodeView> {
+    let objects = match &config.view {
+        ViewSource::File(path) => FileSource::load(path)?,
+        ViewSource::Embedded => {
+            FileSource::parse_str("embedded examples/demo.yaml", EMBEDDED_CONFIG)?
+        }
+    };
+    Ok(NodeView::build(
+        &objects,
+        &config.node,
+        &config.trust_domain,
+    )?)
+}
+
+/// The capture rules the daemon owns.
+#[derive(Debug)]
+struct Rules {
+    nft: redirect::Nft,
+    table: redirect::TableName,
+    port: std::num::NonZeroU16,
+}
+
+impl Rules {
+    fn from_config(config: &Config) -> anyhow::Result<Option<Rules>> {
+        let Capture::Nftables { table, nft } = &config.capture else {
+            return Ok(None);
+        };
+        let nft = if nft.as_os_str() == "nft" {
+            redirect::Nft::new()?
+        } else {
+            redirect::Nft::with_path(nft)
+        };
+        let table = redirect::TableName::new(table.as_str())?;
+        let port = std::num::NonZeroU16::new(config.outbound_port())
+            .context("the redirect port must not be 0")?;
+        Ok(Some(Rules { nft, table, port }))
+    }
+
+    fn rule_set(&self, snap: &Snapshot) -> redirect::RuleSet {
+        redirect::RuleSet::new(self.table.clone(), self.port).with_pods(snap.meshed_ips())
+    }
+}
+
+/// A single-threaded runtime on a thread of its own, stopped by dropping the handle.
+#[derive(Debug)]
+struct RuntimeThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RuntimeThread {
+    fn start(name: &str) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .with_context(|| format!("cannot build the {name} runtime"))?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Dropping the runtime cancels its tasks and closes their listeners.
+                drop(rt);
+            })
+            .with_context(|| format!("cannot start the {name} thread"))?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for RuntimeThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A started daemon.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound outbound listeners.
+    pub outbound_addrs: Vec<SocketAddr>,
+    /// Bound admin listener.
+    pub admin_addr: SocketAddr,
+    /// Bound metrics listener.
+    pub metrics_addr: SocketAddr,
+    state: AdminState,
+    rules: Option<Rules>,
+    accept: Option<RuntimeThread>,
+    admin: Option<RuntimeThread>,
+}
+
+/// Starts the daemon. Returns once it is ready (or with the first error, having undone
+/// whatever it had done).
+pub fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running> {
+    let view = load_view(&config).context("cannot load the node view")?;
+    if view.local.is_empty() {
+        tracing::warn!(
+            node = %config.node,
+            "no meshed pods on this node: nothing will be captured until a pod in a namespace \
+             labelled nodeproxy.io/mesh=enabled is scheduled here"
+        );
+    }
+    let snapshot = Snapshot::new(view, 1);
+    let rules = Rules::from_config(&config)?;
+
+    let mut outbound_listeners = Vec::new();
+    for addr in &config.outbound_addrs {
+        match bind(*addr) {
+            Ok(l) => outbound_listeners.push(l),
+            // A host without IPv6 still serves IPv4.
+            Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => {
+                tracing::warn!(%addr, error = %e, "IPv6 is not available; not listening there");
+            }
+            Err(e) => return Err(bind_error(*addr, "--outbound-addr", e)),
+        }
+    }
+    let admin_listener =
+        bind(config.admin_addr).map_err(|e| bind_error(config.admin_addr, "--admin-addr", e))?;
+    let metrics_listener = bind(config.metrics_addr)
+        .map_err(|e| bind_error(config.metrics_addr, "--metrics-addr", e))?;
+    let outbound_addrs: Vec<SocketAddr> = outbound_listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let _ = metrics::handle();
+    let pools: Arc<Pools<Identity>> = Arc::new(Pools::new());
+    pools.reconcile(&snapshot.tenants())?;
+    ::metrics::gauge!(metrics::TENANTS).set(pools.keys().len() as f64);
+
+    let readiness = Arc::new(Readiness::default());
+    readiness.set_view_loaded();
+    let state = AdminState {
+        config: Arc::new(config),
+        snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+        readiness,
+        pools,
+    };
+
+    let admin = RuntimeThread::start("np-admin")?;
+    for (listener, role) in [
+        (admin_listener, Role::Admin),
+        (metrics_listener, Role::Metrics),
+    ] {
+        let state = state.clone();
+        admin.handle.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => admin::serve(l, role, state).await,
+                Err(e) => tracing::error!(error = %e, "cannot serve admin listener"),
+            }
+        });
+    }
+
+    let accept = RuntimeThread::start("np-accept")?;
+    let ctx = Outbound {
+        snapshot: state.snapshot.clone(),
+        pools: state.pools.clone(),
+        orig_dst: opts.orig_dst,
+        listeners: outbound_addrs.clone().into(),
+    };
+    for listener in outbound_listeners {
+        let ctx = ctx.clone();
+        accept.handle.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => outbound::accept_loop(l, ctx).await,
+                Err(e) => tracing::error!(error = %e, "cannot serve outbound listener"),
+            }
+        });
+    }
+
+    let mut running = Running {
+        outbound_addrs,
+        admin_addr,
+        metrics_addr,
+        state,
+        rules,
+        accept: Some(accept),
+        admin: Some(admin),
+    };
+    if let Some(rules) = &running.rules {
+        let set = rules.rule_set(&running.state.snapshot.load());
+        let applied = rules.nft.apply(&set).and_then(|()| rules.nft.verify(&set));
+        if let Err(e) = applied {
+            // Undo: nothing may stay in the kernel after a failed start.
+            running.shutdown();
+            return Err(anyhow::Error::new(e).context("cannot install the capture rules"));
+        }
+        tracing::info!(table = %rules.table, port = rules.port, pods = set.meshed_v4.len() + set.meshed_v6.len(), "capture rules applied");
+        ::metrics::gauge!(metrics::REDIRECT_RULES_APPLIED).set(1.0);
+    }
+    running.state.readiness.set_rules_applied(true);
+    tracing::info!(
+        node = %running.state.config.node,
+        outbound = ?running.outbound_addrs,
+        admin = %running.admin_addr,
+        metrics = %running.metrics_addr,
+        tenants = running.state.pools.keys().len(),
+        "nodeproxy ready"
+    );
+    Ok(running)
+}
+
+impl Running {
+    /// The resolved configuration.
+    pub fn config(&self) -> &Config {
+        &self.state.config
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.snapshot.load_full()
+    }
+
+    /// Reloads the world view from its source and applies it: pods that arrived are meshed
+    /// (their IPs join the capture set, their tenants get pools), pods that left are unmeshed.
+    /// On any error the last good view stays in force.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let view = load_view(&self.state.config)?;
+        self.apply_view(view)
+    }
+
+    /// Applies a new node view (see [`Running::reload`]).
+    pub fn apply_view(&self, view: NodeView) -> anyhow::Result<()> {
+        let old = self.state.snapshot.load_full();
+        let new = Snapshot::new(view, old.version + 1);
+        let (old_ips, new_ips) = (old.meshed_ips(), new.meshed_ips());
+        let added: Vec<_> = new_ips.difference(&old_ips).copied().collect();
+        let removed: Vec<_> = old_ips.difference(&new_ips).copied().collect();
+        // Know new pods before their traffic is captured.
+        let tenants = new.tenants();
+        self.state.snapshot.store(Arc::new(new));
+        if let Some(rules) = &self.rules {
+            rules
+                .nft
+                .update(&rules.table, &added, &removed)
+                .context("cannot update the capture set")?;
+        }
+        let (t_added, t_removed) = self.state.pools.reconcile(&tenants)?;
+        ::metrics::gauge!(metrics::TENANTS).set(self.state.pools.keys().len() as f64);
+        tracing::info!(
+            pods_added = added.len(), pods_removed = removed.len(),
+            tenants_added = ?t_added.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            tenants_removed = ?t_removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "node view applied"
+        );
+        Ok(())
+    }
+
+    /// Stops accepting, removes the capture rules and drains the pools. Idempotent.
+    pub fn shutdown(&mut self) {
+        self.state.readiness.set_shutting_down();
+        if let Some(rules) = self.rules.take() {
+            match rules.nft.remove(&rules.table) {
+                Ok(()) => tracing::info!(table = %rules.table, "capture rules removed"),
+                Err(e) => tracing::error!(error = %e, "cannot remove the capture rules"),
+            }
+            ::metrics::gauge!(metrics::REDIRECT_RULES_APPLIED).set(0.0);
+        }
+        drop(self.accept.take());
+        self.state.pools.shutdown();
+        drop(self.admin.take());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Binds a non-blocking listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]`
+/// can share a port.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+fn is_no_ipv6(e: &std::io::Error) -> bool {
+    // EAFNOSUPPORT (97) or EADDRNOTAVAIL when IPv6 is disabled.
+    e.raw_os_error() == Some(97) || e.kind() == std::io::ErrorKind::AddrNotAvailable
+}
+
+fn bind_error(addr: SocketAddr, flag: &str, e: std::io::Error) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            ": another process (perhaps another nodeproxy) holds it; stop it or choose another address with {flag}"
+        ),
+        std::io::ErrorKind::PermissionDenied => {
+            ": binding needs CAP_NET_BIND_SERVICE for ports below 1024".to_owned()
+        }
+        _ => String::new(),
+    };
+    anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}{hint}")
+}

@@ -1,0 +1,102 @@
+//! The `nodeproxy` binary: `run`, `demo`, `rules`. Wiring only; the work is in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use nodeproxy::app::{self, StartOptions};
+use nodeproxy::config::{Config, RunArgs};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// A shared, per-node, multi-tenant proxy for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info,nodeproxy=debug`.
+    #[arg(long, env = "NODEPROXY_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: capture meshed pods' TCP and proxy it per tenant.
+    Run(RunArgs),
+    /// Print the nftables rule set the daemon would apply (it passes `nft -c -f -`).
+    Rules(RunArgs),
+    /// Build a throwaway node with pods in network namespaces, run the daemon on it, send
+    /// traffic between pods and print a per-tenant table. Needs root; removes everything.
+    Demo(nodeproxy::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Rules(args) => rules(args),
+        Command::Demo(args) => nodeproxy::demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = Config::from_args(args)?;
+    let mut running = app::start(config, StartOptions::default())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the signal runtime")?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the node view");
+                    if let Err(e) = running.reload() {
+                        tracing::error!(error = format!("{e:#}"), "reload failed; keeping the last good view");
+                    }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    tracing::info!("shutting down");
+    running.shutdown();
+    Ok(())
+}
+
+fn rules(args: RunArgs) -> anyhow::Result<()> {
+    let config = Config::from_args(args)?;
+    let view = app::load_view(&config)?;
+    let snap = nodeproxy::state::Snapshot::new(view, 1);
+    let table = match &config.capture {
+        nodeproxy::config::Capture::Nftables { table, .. } => table.clone(),
+        nodeproxy::config::Capture::Disabled => {
+            anyhow::bail!("--no-redirect is set: the daemon would apply no rules")
+        }
+    };
+    let port = std::num::NonZeroU16::new(config.outbound_port())
+        .context("the redirect port must not be 0")?;
+    let set =
+        redirect::RuleSet::new(redirect::TableName::new(table)?, port).with_pods(snap.meshed_ips());
+    print!("{}", redirect::render(&set));
+    Ok(())
+}
