@@ -54,3 +54,25 @@ pub fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Resul
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Parses Prometheus text (our own `/metrics`).
+pub fn parse_metrics(text: &str) -> std::io::Result<prometheus_parse::Scrape> {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+}
+
+/// The sum of every sample of `name` whose labels include `labels` (counters, gauges and
+/// untyped samples; 0 when there is none).
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        // Start from +0.0: an empty f64 sum is -0.0, which prints as "-0".
+        .fold(0.0, |a, b| a + b)
+}

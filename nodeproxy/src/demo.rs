@@ -174,20 +174,9 @@ fn demo(topo: &Topology, exe: &PathBuf, args: &DemoArgs) -> anyhow::Result<()> {
 
 fn print_table(tenants_json: &str, metrics_text: &str) -> anyhow::Result<()> {
     let tenants: serde_json::Value = serde_json::from_str(tenants_json)?;
-    let scrape = prometheus_parse::Scrape::parse(metrics_text.lines().map(|l| Ok(l.to_owned())))?;
-    let sum = |name: &str, tenant: &str| -> f64 {
-        0.0 + scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name && s.labels.get("tenant") == Some(tenant))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
+    let scrape = admin_client::parse_metrics(metrics_text)?;
+    let sum =
+        |name: &str, tenant: &str| admin_client::metric_sum(&scrape, name, &[("tenant", tenant)]);
     println!(
         "  {:<44} {:<18} {:>6} {:>12} {:>12}",
         "tenant", "pods", "conns", "from pods", "to pods"
@@ -209,16 +198,7 @@ fn print_table(tenants_json: &str, metrics_text: &str) -> anyhow::Result<()> {
             human(sum(crate::metrics::TCP_WRITE_BYTES_TOTAL, id)),
         );
     }
-    let refused: f64 = 0.0
-        + scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == crate::metrics::TCP_REFUSED_TOTAL)
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum();
+    let refused = admin_client::metric_sum(&scrape, crate::metrics::TCP_REFUSED_TOTAL, &[]);
     println!(
         "  legacy/batch-0 is in a namespace without nodeproxy.io/mesh=enabled: its traffic was \
          not captured. Refused connections: {refused}"
