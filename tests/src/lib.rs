@@ -1,0 +1,82 @@
+//! `nodeproxy_tests`: fixtures for the workspace's integration tests and benchmarks.
+//!
+//! Owns: the privilege gate for tests that need root ([`privileged`]), unique namespace prefixes
+//! so such tests run in parallel ([`unique_prefix`]), running the `nodeproxy` binary inside a
+//! network namespace ([`Daemon`]), and small TCP helpers that run inside namespaces
+//! ([`tcp_echo_server`], [`tcp_roundtrip`]). Topologies themselves come from
+//! [`nodeproxy::lab::topology`], re-exported here.
+//!
+//! Must not touch: the host namespace's firewall, routes or sysctls. Everything privileged
+//! happens inside namespaces a [`Topology`] created.
+
+pub mod daemon;
+pub mod net;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use daemon::{Daemon, http_get};
+pub use net::{EchoServer, Seen, tcp_connect, tcp_echo_server, tcp_roundtrip};
+pub use nodeproxy::lab::topology::{Netns, Topology, TopologyError, TopologySpec};
+
+use nodeproxy::lab::topology::{is_root, which};
+
+/// True if this test can use network namespaces and nftables: we are root and `ip` and `nft`
+/// are installed. Otherwise the test should return early: this prints why it is skipped, or,
+/// under `CI=true`, panics, because privileged tests must fail rather than skip in CI.
+pub fn privileged(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root");
+    }
+    if which("ip").is_none() {
+        missing.push("`ip` (apt-get install iproute2)");
+    }
+    if which("nft").is_none() {
+        missing.push("`nft` (apt-get install nftables)");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let missing = missing.join(", ");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{test} needs root, ip and nft; missing: {missing} (privileged tests fail under CI)"
+        );
+    }
+    eprintln!("skipping {test}: needs root, ip and nft (missing: {missing})");
+    false
+}
+
+/// A short topology prefix unique to this process and call: the first two alphanumeric
+/// characters of `tag`, the pid in hex, `x`, a counter in hex (e.g. `tp1f3ax0`). Leaves room for
+/// the `h<i>` veth suffix within the 15-character interface-name limit.
+pub fn unique_prefix(tag: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tag: String = tag
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(2)
+        .collect();
+    format!("{tag}{:x}x{n:x}", std::process::id())
+}
+
+/// The `nodeproxy` binary: `$NODEPROXY_BIN` if set, else `nodeproxy` in the cargo target
+/// directory the running test executable was built into (`target/debug/deps/x` ->
+/// `target/debug/nodeproxy`). Panics with the fix if it does not exist.
+pub fn nodeproxy_bin() -> PathBuf {
+    let bin = match std::env::var_os("NODEPROXY_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.join("nodeproxy")))
+            .unwrap_or_else(|| PathBuf::from("nodeproxy")),
+    };
+    assert!(
+        bin.is_file(),
+        "nodeproxy binary not found at {}: run `cargo build -p nodeproxy` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}

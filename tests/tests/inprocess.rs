@@ -1,0 +1,249 @@
+//! In-process end-to-end: the whole daemon on loopback, no root needed.
+//!
+//! There is no NAT rule on loopback, so the kernel cannot tell an original destination; the
+//! daemon is started with `OrigDst::Fixed` (a test-util mode) pointing at a real echo server.
+//! Everything else is real: listeners, classification by source IP, the tenants' pools, the
+//! relay, the admin and metrics endpoints over HTTP.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use nodeproxy::admin_client;
+use nodeproxy::app::{self, StartOptions};
+use nodeproxy::config::{Config, RunArgs};
+use nodeproxy::outbound::OrigDst;
+
+const VIEW: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodeproxy.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: app, image: web}]}
+status: {phase: Running, podIP: 127.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop}
+spec: {serviceAccountName: db, nodeName: n1, containers: [{name: app, image: db}]}
+status: {phase: Running, podIP: 127.0.0.3}
+"#;
+
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn config(view_file: &std::path::Path) -> Config {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    Config::from_args(RunArgs {
+        config: Some(view_file.to_owned()),
+        node: Some("n1".into()),
+        trust_domain: "cluster.local".into(),
+        outbound_addr: vec![any],
+        admin_addr: any,
+        metrics_addr: any,
+        no_redirect: true,
+        nft_table: "nodeproxy".into(),
+        nft: "nft".into(),
+    })
+    .unwrap()
+}
+
+/// Connects from `src` to the proxy, sends `payload`, returns what came back.
+fn roundtrip(src: IpAddr, proxy: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(src, 0).into())?;
+    sock.connect(&proxy.into())?;
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(payload)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    admin_client::metric_sum(scrape, name, labels)
+}
+
+fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let (code, text) = admin_client::get(addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    admin_client::parse_metrics(&text).unwrap()
+}
+
+#[test]
+fn relays_per_tenant_and_refuses_unknown_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = dir.path().join("view.yaml");
+    std::fs::write(&view, VIEW).unwrap();
+    let echo = echo_server();
+    let mut running = app::start(
+        config(&view),
+        StartOptions {
+            orig_dst: OrigDst::Fixed(echo),
+        },
+    )
+    .unwrap();
+    let proxy = running.outbound_addrs[0];
+    let (admin, metrics) = (running.admin_addr, running.metrics_addr);
+    admin_client::wait_ok(admin, "/ready", Duration::from_secs(5)).unwrap();
+
+    // Tenant web: 3 connections of 100 KiB each, echoed intact.
+    let payload: Vec<u8> = (0..100 * 1024).map(|i| (i % 253) as u8).collect();
+    for _ in 0..3 {
+        let back = roundtrip("127.0.0.2".parse().unwrap(), proxy, &payload).unwrap();
+        assert_eq!(back, payload);
+    }
+    // Tenant db: one small connection.
+    assert_eq!(
+        roundtrip("127.0.0.3".parse().unwrap(), proxy, b"ping").unwrap(),
+        b"ping"
+    );
+    // An address that is no local meshed pod gets nothing: no identity is guessed.
+    let refused = roundtrip("127.0.0.9".parse().unwrap(), proxy, b"who am i");
+    assert!(
+        matches!(&refused, Ok(v) if v.is_empty()) || refused.is_err(),
+        "unknown source got data back: {refused:?}"
+    );
+
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    // Close counts are recorded when the pool's job ends: poll, do not sleep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let s = scrape(metrics);
+        if metric(&s, "nodeproxy_tcp_close_total", &[("tenant", web)]) >= 3.0
+            || std::time::Instant::now() > deadline
+        {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = [("direction", "outbound")];
+    assert_eq!(
+        metric(&s, "nodeproxy_tcp_open_total", &[("tenant", web), out[0]]),
+        3.0
+    );
+    assert_eq!(
+        metric(&s, "nodeproxy_tcp_open_total", &[("tenant", db)]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &s,
+            "nodeproxy_tcp_close_total",
+            &[("tenant", web), ("error", "none")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&s, "nodeproxy_tcp_read_bytes_total", &[("tenant", web)]),
+        3.0 * payload.len() as f64
+    );
+    assert_eq!(
+        metric(&s, "nodeproxy_tcp_write_bytes_total", &[("tenant", web)]),
+        3.0 * payload.len() as f64
+    );
+    assert_eq!(
+        metric(&s, "nodeproxy_tcp_open_connections", &[("tenant", web)]),
+        0.0
+    );
+    assert!(
+        metric(
+            &s,
+            "nodeproxy_tcp_refused_total",
+            &[("reason", "unknown_source")]
+        ) >= 1.0
+    );
+
+    // /tenants: both tenants, each with its own pool thread and its own count.
+    let (code, body) = admin_client::get(admin, "/tenants").unwrap();
+    assert_eq!(code, 200);
+    let tenants: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let by_id = |id: &str| {
+        tenants
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tenant"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} missing from /tenants: {body}"))
+    };
+    assert_eq!(by_id(web)["connections_total"], 3);
+    assert_eq!(by_id(db)["connections_total"], 1);
+    assert_eq!(by_id(web)["pods"][0]["pod"], "shop/web-0");
+    assert_ne!(by_id(web)["thread_id"], by_id(db)["thread_id"]);
+
+    // /config_dump: the resolved config and the view.
+    let (code, body) = admin_client::get(admin, "/config_dump").unwrap();
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["config"]["node"], "n1");
+    assert_eq!(dump["view"]["local"].as_array().unwrap().len(), 2);
+
+    running.shutdown();
+    let (code, _) = admin_client::get(admin, "/ready").map_or((0, String::new()), |r| r);
+    assert_ne!(code, 200, "not ready (or gone) after shutdown");
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = dir.path().join("view.yaml");
+    std::fs::write(&view, VIEW).unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config(&view);
+    config.admin_addr = taken.local_addr().unwrap();
+    let err = app::start(config, StartOptions::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&taken.local_addr().unwrap().to_string()),
+        "{msg}"
+    );
+    assert!(msg.contains("--admin-addr"), "{msg}");
+}
+
+#[test]
+fn a_bad_view_file_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = dir.path().join("bad.yaml");
+    std::fs::write(
+        &view,
+        VIEW.replace(
+            "nodeName: n1, containers: [{name: app, image: web}]",
+            "containers: []",
+        ) + "---\n"
+            + &VIEW.split("---").nth(2).unwrap().replace("db-0", "db-1"),
+    )
+    .unwrap();
+    let err = app::start(config(&view), StartOptions::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("bad.yaml"), "{msg}");
+    assert!(msg.contains("nodeName"), "{msg}");
+    assert!(msg.contains("127.0.0.3"), "duplicate IP named: {msg}");
+    assert!(
+        msg.contains("db-0") && msg.contains("db-1"),
+        "both pods named: {msg}"
+    );
+}
