@@ -9,10 +9,6 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tempfile::NamedTempFile;
@@ -23,8 +19,6 @@ use nodeproxy::lab::topology::Netns;
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// Metrics port when the arguments give no `--metrics-addr`.
 pub const DEFAULT_METRICS_PORT: u16 = 15020;
-/// Timeout for one HTTP request.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long [`Daemon::stop`] waits after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
@@ -196,31 +190,11 @@ fn port_arg(args: &[&str], flag: &str) -> Option<u16> {
     value.parse::<SocketAddr>().ok().map(|addr| addr.port())
 }
 
-/// `GET http://<addr><path>` from inside `ns` with a 2 s timeout, on a throwaway
-/// current-thread runtime (so the connection is made from the namespace thread): (status, body).
+/// `GET http://<addr><path>` from inside `ns` (the connection is made from a thread in the
+/// namespace, by the daemon's own admin client): (status, body).
 pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let uri: http::Uri = format!("http://{addr}{path}")
-        .parse()
-        .with_context(|| format!("bad uri for {addr} {path}"))?;
-    ns.run(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async {
-            let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-            let request = async {
-                let response = client.get(uri.clone()).await?;
-                let status = response.status().as_u16();
-                let body = response.into_body().collect().await?.to_bytes();
-                anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
-            };
-            tokio::time::timeout(HTTP_TIMEOUT, request)
-                .await
-                .with_context(|| format!("GET {uri}: no answer within {HTTP_TIMEOUT:?}"))?
-                .with_context(|| format!("GET {uri}"))
-        })
-    })
-    .with_context(|| format!("enter netns {}", ns.name()))?
+    ns.run(move || nodeproxy::admin_client::get(addr, path))
+        .with_context(|| format!("enter netns {}", ns.name()))?
 }
 
 #[cfg(test)]

@@ -1,0 +1,280 @@
+//! Privileged tier: the real daemon binary in a node network namespace, real nftables rules,
+//! pods in their own namespaces sending real TCP through it.
+//!
+//! Skips without root locally; fails under `CI=true` when it cannot run.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use nodeproxy::admin_client::metric_sum;
+use nodeproxy_tests::{
+    Daemon, Topology, TopologySpec, privileged, tcp_echo_server, tcp_roundtrip, unique_prefix,
+};
+
+const ADMIN: &str = "127.0.0.1:15000";
+const METRICS: &str = "127.0.0.1:15020";
+const ALPHA: &str = "spiffe://cluster.local/ns/shop/sa/alpha";
+
+/// Pod 1 (alpha) and pod 2 (beta) are meshed; pod 3 is in namespace `plain`, which is meshed
+/// only when `plain_meshed`.
+fn view(plain_meshed: bool) -> String {
+    let label = if plain_meshed {
+        "{nodeproxy.io/mesh: enabled}"
+    } else {
+        "{}"
+    };
+    let pod = |name: &str, ns: &str, sa: &str, i: u8| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{serviceAccountName: {sa}, nodeName: n1, containers: [{{name: c, image: i}}]}}\n\
+             status: {{phase: Running, podIP: 10.200.{i}.2, podIPs: [{{ip: 10.200.{i}.2}}, {{ip: 'fdfe:200:{i}::2'}}]}}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{nodeproxy.io/mesh: enabled}}}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: plain, labels: {label}}}\n{}{}{}",
+        pod("a-0", "shop", "alpha", 1),
+        pod("b-0", "shop", "beta", 2),
+        pod("c-0", "plain", "gamma", 3),
+    )
+}
+
+fn nft_tables(topo: &Topology) -> String {
+    let out = topo
+        .node()
+        .command("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(topo: &Topology, config: &std::path::Path) -> Daemon {
+    let config = config.to_str().unwrap();
+    let mut d = Daemon::start(
+        topo.node(),
+        &[
+            "run",
+            "--config",
+            config,
+            "--node",
+            "n1",
+            "--admin-addr",
+            ADMIN,
+            "--metrics-addr",
+            METRICS,
+        ],
+    )
+    .unwrap();
+    d.wait_ready(Duration::from_secs(20)).unwrap();
+    d
+}
+
+#[test]
+fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
+    if !privileged("captures_meshed_pods_relays_per_tenant_and_cleans_up") {
+        return;
+    }
+    let topo = Topology::create(TopologySpec {
+        prefix: unique_prefix("nd"),
+        pods: 3,
+        ipv6: true,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(false)).unwrap();
+    let mut daemon = start(&topo, &config);
+
+    // One dual-stack server: IPv4 peers show up as v4-mapped addresses.
+    let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0u16; 8], 8080))).unwrap();
+    let peer = |n: usize| {
+        server.wait_for(n + 1, Duration::from_secs(5))[n]
+            .peer
+            .ip()
+            .to_canonical()
+    };
+    let to_b4 = SocketAddr::new(IpAddr::V4(topo.pod_ip(2)), 8080);
+    let to_b6 = SocketAddr::new(IpAddr::V6(topo.pod_ip6(2).unwrap()), 8080);
+    let payload: Vec<u8> = (0..200_000).map(|i| (i % 241) as u8).collect();
+
+    // Meshed pod → meshed pod, v4 and v6: relayed, so the server sees the node's address.
+    assert_eq!(
+        tcp_roundtrip(topo.pod(1), None, to_b4, &payload).unwrap(),
+        payload
+    );
+    assert_eq!(
+        tcp_roundtrip(topo.pod(1), None, to_b6, &payload).unwrap(),
+        payload
+    );
+    assert_eq!(
+        peer(0),
+        IpAddr::V4(topo.node_ip_for_pod(2)),
+        "v4 went through the daemon"
+    );
+    assert_eq!(
+        peer(1),
+        IpAddr::V6(topo.node_ip6_for_pod(2).unwrap()),
+        "v6 went through the daemon"
+    );
+
+    // A pod outside the mesh is not captured: the server sees the pod itself.
+    assert_eq!(
+        tcp_roundtrip(topo.pod(3), None, to_b4, b"plain").unwrap(),
+        b"plain"
+    );
+    assert_eq!(
+        peer(2),
+        IpAddr::V4(topo.pod_ip(3)),
+        "non-mesh traffic untouched"
+    );
+
+    // The daemon's metrics count alpha's two connections and their bytes.
+    let m = poll("close of alpha's connections", || {
+        let m = daemon.metrics().ok()?;
+        (metric_sum(&m, "nodeproxy_tcp_close_total", &[("tenant", ALPHA)]) >= 2.0).then_some(m)
+    });
+    assert_eq!(
+        metric_sum(&m, "nodeproxy_tcp_open_total", &[("tenant", ALPHA)]),
+        2.0
+    );
+    assert_eq!(
+        metric_sum(&m, "nodeproxy_tcp_read_bytes_total", &[("tenant", ALPHA)]),
+        2.0 * payload.len() as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "nodeproxy_tcp_open_total", &[]),
+        2.0,
+        "only meshed traffic was proxied"
+    );
+
+    // Meshing `plain` on the running daemon (SIGHUP reloads the file): pod 3 is captured from
+    // now on, by a set update, without reloading the table.
+    std::fs::write(&config, view(true)).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    poll("gamma in /tenants", || {
+        let (_, body) = daemon.get("/tenants").ok()?;
+        body.contains("ns/plain/sa/gamma").then_some(())
+    });
+    assert_eq!(
+        tcp_roundtrip(topo.pod(3), None, to_b4, b"meshed").unwrap(),
+        b"meshed"
+    );
+    assert_eq!(
+        peer(3),
+        IpAddr::V4(topo.node_ip_for_pod(2)),
+        "pod 3 now captured"
+    );
+
+    // A clean stop removes the rules.
+    assert!(nft_tables(&topo).contains("inet nodeproxy"));
+    let status = daemon.stop().unwrap();
+    assert!(status.success(), "daemon exit: {status}\n{}", daemon.logs());
+    assert!(
+        !nft_tables(&topo).contains("nodeproxy"),
+        "rules left behind"
+    );
+    // With the rules gone, meshed traffic flows directly again.
+    assert_eq!(
+        tcp_roundtrip(topo.pod(1), None, to_b4, b"direct").unwrap(),
+        b"direct"
+    );
+    assert_eq!(peer(4), IpAddr::V4(topo.pod_ip(1)));
+}
+
+#[test]
+fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
+    if !privileged("a_crashed_daemons_rules_are_replaced_at_the_next_start") {
+        return;
+    }
+    let topo = Topology::create(TopologySpec {
+        prefix: unique_prefix("nc"),
+        pods: 2,
+        ipv6: false,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(false)).unwrap();
+
+    let mut first = start(&topo, &config);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    poll("the killed daemon to exit", || {
+        first.try_status().ok().flatten()
+    });
+    assert!(
+        nft_tables(&topo).contains("inet nodeproxy"),
+        "a crash leaves the table"
+    );
+
+    let mut second = start(&topo, &config);
+    let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap();
+    let to_b = SocketAddr::new(IpAddr::V4(topo.pod_ip(2)), 8080);
+    assert_eq!(
+        tcp_roundtrip(topo.pod(1), None, to_b, b"again").unwrap(),
+        b"again"
+    );
+    assert_eq!(
+        server.wait_for(1, Duration::from_secs(5))[0].peer.ip(),
+        IpAddr::V4(topo.node_ip_for_pod(2))
+    );
+    assert!(second.stop().unwrap().success());
+    assert!(!nft_tables(&topo).contains("nodeproxy"));
+}
+
+#[test]
+fn a_missing_nft_binary_is_a_clear_error_and_leaves_nothing() {
+    if !privileged("a_missing_nft_binary_is_a_clear_error_and_leaves_nothing") {
+        return;
+    }
+    let topo = Topology::create(TopologySpec {
+        prefix: unique_prefix("nn"),
+        pods: 1,
+        ipv6: false,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(false)).unwrap();
+    let mut d = Daemon::start(
+        topo.node(),
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--node",
+            "n1",
+            "--nft",
+            "/nonexistent/nft",
+        ],
+    )
+    .unwrap();
+    let status = poll("the daemon to exit", || d.try_status().ok().flatten());
+    assert!(!status.success());
+    let logs = d.logs();
+    assert!(
+        logs.contains("/nonexistent/nft") && logs.contains("install nftables"),
+        "{logs}"
+    );
+    assert!(!nft_tables(&topo).contains("nodeproxy"));
+}
