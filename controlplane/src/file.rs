@@ -155,7 +155,7 @@ metadata: {name: web, namespace: shop}
 spec: {replicas: 3, selector: {matchLabels: {app: web}}}
 ---
 apiVersion: v1
-kind: Service
+kind: ConfigMap
 metadata: {name: web, namespace: shop}
 ---
 apiVersion: v1
@@ -173,6 +173,107 @@ status: {podIP: 10.0.0.1, hostIP: 192.0.2.2, qosClass: BestEffort, extra: true}
         let view = NodeView::build(&objects, "n1", "cluster.local").unwrap();
         assert_eq!(view.local.len(), 1);
         assert_eq!(view.local[0].identity.short(), "shop/default");
+    }
+
+    #[test]
+    fn tenant_policies_set_local_tenants_weights_and_limits_with_defaults_for_the_rest() {
+        let text = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodeproxy.io/mesh: enabled}}
+---
+apiVersion: nodeproxy.io/v1alpha1
+kind: TenantPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  serviceAccount: web
+  weight: 400
+  limits: {maxConnections: 1000, maxConnectionsPerSecond: 50}
+---
+apiVersion: nodeproxy.io/v1alpha1
+kind: TenantPolicy
+metadata: {name: elsewhere, namespace: shop}
+spec: {serviceAccount: remote-only, weight: 7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop}
+spec: {serviceAccountName: web, nodeName: n1}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: job-0, namespace: shop}
+spec: {serviceAccountName: job, nodeName: n1}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: r-0, namespace: shop}
+spec: {serviceAccountName: remote-only, nodeName: n2}
+status: {podIP: 10.0.0.3}
+";
+        let objects = FileSource::parse_str("t.yaml", text).unwrap();
+        let view = NodeView::build(&objects, "n1", "cluster.local").unwrap();
+        let id = |sa: &str| certs::Identity::new("cluster.local", "shop", sa).unwrap();
+        assert_eq!(
+            view.tenants,
+            [
+                crate::TenantSettings::defaults(id("job")),
+                crate::TenantSettings {
+                    identity: id("web"),
+                    weight: 400,
+                    limits: crate::TenantLimits {
+                        max_connections: Some(1000),
+                        max_connections_per_second: Some(50),
+                        max_buffer_bytes: None,
+                    },
+                },
+            ]
+        );
+        assert_eq!(view.tenants[0].weight, 100);
+    }
+
+    #[test]
+    fn an_invalid_tenant_policy_is_a_problem_in_the_file_source() {
+        let text = "\
+apiVersion: nodeproxy.io/v1alpha1
+kind: TenantPolicy
+metadata: {name: web, namespace: shop}
+spec: {serviceAccount: web, weight: 0, limits: {maxBufferBytes: 0}}
+---
+apiVersion: nodeproxy.io/v1alpha1
+kind: TenantPolicy
+metadata: {name: web2, namespace: shop}
+spec: {serviceAccount: web, weight: 10001}
+---
+apiVersion: v1
+kind: TenantPolicy
+metadata: {name: web3, namespace: shop}
+spec: {serviceAccount: web}
+";
+        let err = FileSource::parse_str("t.yaml", text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "document 1, line 1 (TenantPolicy shop/web): spec.weight: 0 is out of range; \
+                 set a weight from 1 to 10000 (default 100)"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("spec.limits.maxBufferBytes: 0 would refuse"),
+            "{err}"
+        );
+        assert!(
+            err.contains("(TenantPolicy shop/web2): spec.weight: 10001"),
+            "{err}"
+        );
+        assert!(
+            err.contains("apiVersion: expected nodeproxy.io/v1alpha1 for kind TenantPolicy"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,16 +1,20 @@
-//! The node's view of the world: Kubernetes-shaped objects translated into per-node views.
+//! The node's view of the world: Kubernetes-shaped objects translated into per-node views,
+//! and the gRPC API that serves them.
 //!
 //! This crate owns the sources of configuration and the translation every source shares:
-//! [`objects`] parses Kubernetes objects ([`Objects`], `k8s-openapi` types) from YAML,
-//! [`file`](mod@file) is the file source ([`FileSource`]) used by the standalone daemon and the demo,
-//! and [`view`] turns objects into one node's [`NodeView`] (its local and remote meshed
-//! [`Workload`]s and their identities). [`error`] collects every configuration problem into one
-//! [`Error`]. A later change adds the gRPC API and the Kubernetes watcher, reusing the same
-//! translation.
+//! [`objects`] parses Kubernetes objects ([`Objects`], `k8s-openapi` and [`crd`] types) from
+//! YAML, [`file`](mod@file) is the file source ([`FileSource`]), and [`view`] turns objects
+//! into one node's [`NodeView`] (local and remote meshed [`Workload`]s, services, policies,
+//! tenant settings). [`error`] collects every configuration problem into one [`Error`].
+//! With feature `client`: [`api`] (generated gRPC types), [`convert`] (view ⇄ wire, deltas)
+//! and [`client`] (the node's Watch client). With `server`: [`server`] (Discovery, Identity,
+//! health, reflection), [`auth`] (bootstrap tokens) and [`watch`] (the file watcher). With
+//! `kube`: [`kubernetes`] (watchers, TokenReview, status conditions).
 //!
-//! Must not touch: sockets, the data path, the environment. Only this crate will link `kube`
-//! (not yet), and its client part will stay usable without it.
+//! Must not touch: the data path, the environment. Only this crate links `kube`, and only with
+//! its `kube` feature; the client and the file-source server work without it.
 
+pub mod crd;
 pub mod error;
 pub mod file;
 pub mod objects;
@@ -19,4 +23,4 @@ pub mod view;
 pub use error::{Error, Origin, Problem, Result};
 pub use file::FileSource;
 pub use objects::Objects;
-pub use view::{MESH_ENABLED, MESH_LABEL, NodeView, Workload};
+pub use view::{MESH_ENABLED, MESH_LABEL, NodeView, TenantLimits, TenantSettings, Workload};

@@ -1,9 +1,10 @@
 //! Kubernetes-shaped objects, as read from a YAML stream.
 //!
-//! Owns [`Objects`] (the namespaces and pods a source knows about, as `k8s-openapi` types) and
-//! [`parse`], which reads a multi-document YAML stream into it. Real manifests load as they
-//! are: unknown fields are ignored, kinds other than `v1` `Namespace`, `Pod` and `List` are
-//! skipped and counted, empty documents are ignored. Defaults the API server or kubectl would
+//! Owns [`Objects`] (the namespaces, pods, services and our policies a source knows about, as
+//! `k8s-openapi` and [`crate::crd`] types) and [`parse`], which reads a multi-document YAML
+//! stream into it. Real manifests load as they are: unknown fields are ignored, kinds other
+//! than `v1` `Namespace`, `Pod`, `Service`, `List` and `nodeproxy.io/v1alpha1` `TenantPolicy`
+//! and `AuthorizationPolicy` are skipped and counted, empty documents are ignored. Defaults the API server or kubectl would
 //! apply are applied here too (a pod without `metadata.namespace` is in `default`). Every
 //! problem in the stream is collected; a YAML syntax error stops parsing, with its line.
 //!
@@ -12,8 +13,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
+
+use crate::crd::{self, AuthorizationPolicy, TenantPolicy};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Origin, Problem, Result, sort_problems};
@@ -30,10 +35,18 @@ pub struct Objects {
     pub namespaces: Vec<Namespace>,
     /// `v1` `Pod` objects; `metadata.namespace` is always set.
     pub pods: Vec<Pod>,
+    /// `v1` `Service` objects; `metadata.namespace` is always set.
+    pub services: Vec<Service>,
+    /// `nodeproxy.io/v1alpha1` `TenantPolicy` objects; `metadata.namespace` is always set.
+    pub tenant_policies: Vec<TenantPolicy>,
+    /// `nodeproxy.io/v1alpha1` `AuthorizationPolicy` objects; `metadata.namespace` is set.
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Kinds that were present but are not used (e.g. `Deployment`), with how many of each.
     pub skipped_kinds: BTreeMap<String, usize>,
     /// Where each pod was defined, index for index with `pods`, when it came from a file.
     pub(crate) pod_origins: Vec<Origin>,
+    /// Where each tenant policy was defined, index for index with `tenant_policies`.
+    pub(crate) tenant_policy_origins: Vec<Origin>,
 }
 
 impl Objects {
@@ -51,6 +64,16 @@ impl Objects {
     pub fn pod_origin(&self, index: usize) -> Option<Origin> {
         if self.pod_origins.len() == self.pods.len() {
             self.pod_origins.get(index).copied()
+        } else {
+            None
+        }
+    }
+
+    /// Where the tenant policy at `index` of [`Objects::tenant_policies`] was defined, if it
+    /// came from a file.
+    pub fn tenant_policy_origin(&self, index: usize) -> Option<Origin> {
+        if self.tenant_policy_origins.len() == self.tenant_policies.len() {
+            self.tenant_policy_origins.get(index).copied()
         } else {
             None
         }
@@ -87,7 +110,7 @@ pub(crate) fn parse_collect(source_name: &str, text: &str) -> Result<(Objects, V
         objects: Objects::new(source_name),
         problems: Vec::new(),
         namespaces_seen: HashMap::new(),
-        pods_seen: HashMap::new(),
+        seen: HashMap::new(),
     };
     for (index, document) in documents.into_iter().enumerate() {
         let line = document.referenced.line();
@@ -114,8 +137,9 @@ struct Parser {
     problems: Vec<Problem>,
     /// Namespace name -> where it was first defined, to report duplicates.
     namespaces_seen: HashMap<String, Origin>,
-    /// (namespace, name) of a pod -> where it was first defined, to report duplicates.
-    pods_seen: HashMap<(String, String), Origin>,
+    /// (kind, namespace, name) of a namespaced object -> where it was first defined, to
+    /// report duplicates.
+    seen: HashMap<(String, String, String), Origin>,
 }
 
 impl Parser {
@@ -149,7 +173,12 @@ impl Parser {
                 return;
             }
         };
-        if !matches!(kind.as_str(), "Namespace" | "Pod" | "List") {
+        let want_version = match kind.as_str() {
+            "Namespace" | "Pod" | "Service" | "List" => "v1",
+            "TenantPolicy" | "AuthorizationPolicy" => crd::API_VERSION,
+            _ => "",
+        };
+        if want_version.is_empty() {
             tracing::debug!(
                 source = %self.objects.source, document = origin.document, %kind,
                 "skipping an object of a kind nodeproxy does not use"
@@ -165,13 +194,16 @@ impl Parser {
                 .field(field)
         };
         match map.get("apiVersion") {
-            Some(Value::String(v)) if v == "v1" => {}
+            Some(Value::String(v)) if v == want_version => {}
             other => {
                 let found = other.map_or("missing".to_owned(), |v| {
-                    format!("expected v1 for kind {kind}, found {}", describe(v))
+                    format!(
+                        "expected {want_version} for kind {kind}, found {}",
+                        describe(v)
+                    )
                 });
                 self.problems.push(problem(
-                    format!("{found}; set apiVersion: v1"),
+                    format!("{found}; set apiVersion: {want_version}"),
                     format!("{prefix}apiVersion"),
                 ));
                 return;
@@ -200,32 +232,89 @@ impl Parser {
                 self.namespaces_seen.insert(name, origin);
                 self.objects.namespaces.push(namespace);
             }
-            _ => {
+            "Pod" => {
                 let Some(mut pod) = self.typed::<Pod>(origin, &label, value, prefix) else {
                     return;
                 };
-                let namespace = pod
-                    .metadata
-                    .namespace
-                    .get_or_insert_with(|| DEFAULT_NAMESPACE.to_owned());
-                if namespace.is_empty() {
-                    DEFAULT_NAMESPACE.clone_into(namespace);
+                if self.namespaced(&kind, &mut pod.metadata, origin, &label, prefix) {
+                    self.objects.pods.push(pod);
+                    self.objects.pod_origins.push(origin);
                 }
-                if let Some(name) = pod.metadata.name.clone().filter(|n| !n.is_empty()) {
-                    let key = (namespace.clone(), name);
-                    if let Some(first) = self.pods_seen.get(&key) {
-                        self.problems.push(problem(
-                            format!("defined twice (first in {first}); remove one of them"),
-                            format!("{prefix}metadata.name"),
-                        ));
-                        return;
-                    }
-                    self.pods_seen.insert(key, origin);
+            }
+            "Service" => {
+                let Some(mut service) = self.typed::<Service>(origin, &label, value, prefix) else {
+                    return;
+                };
+                if self.namespaced(&kind, &mut service.metadata, origin, &label, prefix) {
+                    self.objects.services.push(service);
                 }
-                self.objects.pods.push(pod);
-                self.objects.pod_origins.push(origin);
+            }
+            "TenantPolicy" => {
+                let Some(CustomResource::<crd::TenantPolicySpec> { mut metadata, spec }) =
+                    self.typed(origin, &label, value, prefix)
+                else {
+                    return;
+                };
+                if self.namespaced(&kind, &mut metadata, origin, &label, prefix) {
+                    self.objects.tenant_policies.push(TenantPolicy {
+                        metadata,
+                        spec,
+                        status: None,
+                    });
+                    self.objects.tenant_policy_origins.push(origin);
+                }
+            }
+            _ => {
+                let Some(CustomResource::<crd::AuthorizationPolicySpec> { mut metadata, spec }) =
+                    self.typed(origin, &label, value, prefix)
+                else {
+                    return;
+                };
+                if self.namespaced(&kind, &mut metadata, origin, &label, prefix) {
+                    self.objects
+                        .authorization_policies
+                        .push(AuthorizationPolicy {
+                            metadata,
+                            spec,
+                            status: None,
+                        });
+                }
             }
         }
+    }
+
+    /// Defaults a namespaced object's namespace and reports a duplicate; false if it is one.
+    fn namespaced(
+        &mut self,
+        kind: &str,
+        metadata: &mut ObjectMeta,
+        origin: Origin,
+        label: &str,
+        prefix: &str,
+    ) -> bool {
+        let namespace = metadata
+            .namespace
+            .get_or_insert_with(|| DEFAULT_NAMESPACE.to_owned());
+        if namespace.is_empty() {
+            DEFAULT_NAMESPACE.clone_into(namespace);
+        }
+        let Some(name) = metadata.name.clone().filter(|n| !n.is_empty()) else {
+            return true;
+        };
+        let key = (kind.to_owned(), namespace.clone(), name);
+        if let Some(first) = self.seen.get(&key) {
+            self.problems.push(
+                Problem::new(format!(
+                    "defined twice (first in {first}); remove one of them"
+                ))
+                .at(Some(origin))
+                .object(label)
+                .field(format!("{prefix}metadata.name")),
+            );
+            return false;
+        }
+        self.seen.insert(key, origin);
+        true
     }
 
     /// Adds the items of a `v1` `List` (what `kubectl get -o yaml` prints).
@@ -282,6 +371,14 @@ impl Parser {
     }
 }
 
+/// The shape of one of our custom resources in a file (status is the control plane's own).
+#[derive(Deserialize)]
+struct CustomResource<S> {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: S,
+}
+
 /// `Pod shop/web-1` or `Namespace shop`, from the raw object, so it is known even when the
 /// object fails to convert.
 fn object_label(kind: &str, map: &Map<String, Value>) -> String {
@@ -289,7 +386,7 @@ fn object_label(kind: &str, map: &Map<String, Value>) -> String {
     let get = |key| metadata.and_then(|m| m.get(key)).and_then(Value::as_str);
     let name = get("name").filter(|n| !n.is_empty()).unwrap_or("<no name>");
     match kind {
-        "Pod" => {
+        "Pod" | "Service" | "TenantPolicy" | "AuthorizationPolicy" => {
             let namespace = get("namespace")
                 .filter(|n| !n.is_empty())
                 .unwrap_or(DEFAULT_NAMESPACE);
@@ -440,11 +537,13 @@ items:
 - {apiVersion: v1, kind: Namespace, metadata: {name: a}}
 - {apiVersion: v1, kind: Pod, metadata: {name: p, namespace: a}}
 - {apiVersion: v1, kind: Service, metadata: {name: s, namespace: a}}
+- {apiVersion: v1, kind: ConfigMap, metadata: {name: c, namespace: a}}
 ";
         let objects = parse("t.yaml", text).unwrap();
         assert_eq!(objects.namespaces.len(), 1);
         assert_eq!(objects.pods.len(), 1);
-        assert_eq!(objects.skipped_kinds.get("Service"), Some(&1));
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(objects.skipped_kinds.get("ConfigMap"), Some(&1));
     }
 
     #[test]
