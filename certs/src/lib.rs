@@ -1,11 +1,26 @@
-//! Workload identities and, later, their certificates.
+//! Workload identities, their private keys and certificates, and the CA that signs them.
 //!
 //! This crate owns [`Identity`], the SPIFFE ID a tenant is known by
-//! (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`). The mesh issue adds the
-//! per-identity cert stores, CSRs, rotation and the CA's signing code here: `certs` is the only
-//! crate that will ever hold private keys.
+//! (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`); [`store::CertStore`], the
+//! per-identity store that generates its key inside, sends a CSR to a [`store::Signer`],
+//! rotates, and hands out only rustls configs; [`verify`], the SPIFFE peer checks; [`sni`], the
+//! server name that names an identity on the tunnel; and [`ca::Ca`], the signing logic.
+//! `certs` is the only crate that holds private keys, and no API returns their bytes.
+//! [`test_util`] (feature `test-util`) has a fake CA for tests.
 //!
-//! Must not touch: sockets, the tenancy crate, Kubernetes clients, the environment.
+//! Must not touch: sockets, the tenancy crate, Kubernetes clients, the environment. One crypto
+//! provider only: aws-lc-rs (`ring` next to it makes rustls panic at config time).
+
+pub mod ca;
+mod key;
+pub mod sni;
+pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+pub mod verify;
+
+pub use ca::Ca;
+pub use store::{CertStore, Current, RotationOptions, Signed, Signer};
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,9 +30,69 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Errors of this crate. None carries key material.
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A cryptographic operation failed.
+    #[error("crypto: {0}")]
+    Crypto(String),
+    /// The CA could not be built or could not sign.
+    #[error("CA: {0}")]
+    Ca(String),
+    /// The CA refused a CSR.
+    #[error("refusing to sign for {identity}: {reason}")]
+    CsrRefused {
+        /// The identity asked for.
+        identity: String,
+        /// Why.
+        reason: String,
+    },
+    /// The signer's answer is unusable.
+    #[error("unusable certificate from the signer: {0}")]
+    BadSigned(String),
+    /// A peer's certificate is unusable.
+    #[error("bad peer certificate: {0}")]
+    BadPeerCert(String),
+    /// A peer presented another identity than the expected one.
+    #[error("peer identity is {presented}, expected {expected}")]
+    WrongPeer {
+        /// The identity we wanted.
+        expected: String,
+        /// The identity the certificate names.
+        presented: String,
+    },
+    /// A server name does not encode an identity.
+    #[error("server name {name:?} does not name an identity: {reason}")]
+    InvalidSni {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An identity is too long for a server name.
+    #[error(
+        "identity {identity} is too long for a TLS server name ({len} > 253 characters); shorten the namespace or service account"
+    )]
+    SniTooLong {
+        /// The identity.
+        identity: String,
+        /// The encoded length.
+        len: usize,
+    },
+    /// The store's worker is gone.
+    #[error("the certificate store of {0} has stopped")]
+    StoreStopped(String),
+    /// A file could not be read or written.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        /// `read` or `write`.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A string is not a SPIFFE ID of the workload shape.
     #[error(
         "invalid SPIFFE ID {value:?}: {reason} (expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
@@ -170,11 +245,12 @@ fn check_name(what: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_trust_domain(value: &str) -> Result<()> {
+pub(crate) fn check_trust_domain(value: &str) -> Result<()> {
     check_name("trust domain", value)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

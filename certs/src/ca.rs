@@ -1,0 +1,353 @@
+//! The signing CA: a root (from PEM files, or generated) that signs workload CSRs.
+//!
+//! Owns [`Ca`]. It signs a CSR for a given identity only after checking that the CSR names
+//! exactly that SPIFFE ID (one URI SAN, nothing else) in the CA's trust domain; the issued
+//! certificate is short-lived ([`DEFAULT_LIFETIME`], configurable down to seconds for tests)
+//! and takes nothing else from the CSR but its public key. *Who* may ask for which identity
+//! (node authorization) is the caller's business: the control plane's `Identity.Certify`, or
+//! the daemon's embedded signer in standalone mode.
+//!
+//! The CA key is the only private key that may be written to disk, and only where the
+//! operator says ([`Ca::load_or_generate`]), with mode 0600.
+//!
+//! Must not touch: sockets, node views, Kubernetes.
+
+use std::fmt;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::key::EcKey;
+use crate::store::Signed;
+use crate::{Error, Identity, Result};
+
+/// Lifetime of workload certificates unless configured otherwise.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Lifetime of a generated root.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How far back a certificate's `notBefore` is set, to absorb clock skew between nodes
+/// (capped at a quarter of the lifetime so test certificates of seconds stay meaningful).
+const MAX_BACKDATE: Duration = Duration::from_secs(60);
+
+/// A certificate authority for one trust domain.
+pub struct Ca {
+    trust_domain: String,
+    issuer: Issuer<'static, EcKey>,
+    root: CertificateDer<'static>,
+    root_pem: String,
+    lifetime: Duration,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("lifetime", &self.lifetime)
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+impl Ca {
+    /// Generates a new root for `trust_domain`, kept in memory only.
+    pub fn generate(trust_domain: &str) -> Result<Ca> {
+        Ok(Self::generate_inner(trust_domain)?.0)
+    }
+
+    fn generate_inner(trust_domain: &str) -> Result<(Ca, zeroize::Zeroizing<Vec<u8>>)> {
+        crate::check_trust_domain(trust_domain)?;
+        let (key, pkcs8) = EcKey::generate_with_pkcs8()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "nodeproxy");
+        dn.push(DnType::CommonName, format!("nodeproxy CA {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - MAX_BACKDATE;
+        params.not_after = now + ROOT_LIFETIME;
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .self_signed(&key)
+            .map_err(rcgen_err("self-sign the root"))?;
+        let root = cert.der().clone();
+        let root_pem = cert.pem();
+        let issuer = Issuer::new(params, key);
+        let ca = Ca {
+            trust_domain: trust_domain.to_owned(),
+            issuer,
+            root,
+            root_pem,
+            lifetime: DEFAULT_LIFETIME,
+        };
+        Ok((ca, pkcs8))
+    }
+
+    /// Loads a root from PEM text: the CA certificate and its PKCS#8 ECDSA P-256 key.
+    pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Ca> {
+        crate::check_trust_domain(trust_domain)?;
+        let root = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| Error::Ca(format!("the CA certificate is not PEM ({e})")))?;
+        let pkcs8 = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+            Error::Ca(format!(
+                "the CA key is not a PEM PKCS#8 key ({e}); convert it with `openssl pkcs8 -topk8 -nocrypt`"
+            ))
+        })?;
+        let key = EcKey::from_pkcs8(pkcs8.secret_pkcs8_der())?;
+        drop(pkcs8);
+        let issuer =
+            Issuer::from_ca_cert_der(&root, key).map_err(rcgen_err("read the CA certificate"))?;
+        let root_pem = String::from_utf8_lossy(&pem_encode("CERTIFICATE", &root)).into_owned();
+        Ok(Ca {
+            trust_domain: trust_domain.to_owned(),
+            issuer,
+            root,
+            root_pem,
+            lifetime: DEFAULT_LIFETIME,
+        })
+    }
+
+    /// Loads the root from `cert_path` and `key_path`; if neither exists, generates one and
+    /// writes both there (the key with mode 0600). One without the other is an error.
+    pub fn load_or_generate(trust_domain: &str, cert_path: &Path, key_path: &Path) -> Result<Ca> {
+        let io = |path: &Path, what: &'static str| {
+            let path = path.display().to_string();
+            move |source| Error::Io { what, path, source }
+        };
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                let cert = std::fs::read_to_string(cert_path).map_err(io(cert_path, "read"))?;
+                let key = zeroize::Zeroizing::new(
+                    std::fs::read_to_string(key_path).map_err(io(key_path, "read"))?,
+                );
+                Ca::from_pem(trust_domain, &cert, &key)
+            }
+            (false, false) => {
+                let (ca, pkcs8) = Self::generate_inner(trust_domain)?;
+                let key_pem = zeroize::Zeroizing::new(pem_encode("PRIVATE KEY", &pkcs8));
+                write_file(key_path, &key_pem, 0o600).map_err(io(key_path, "write"))?;
+                write_file(cert_path, ca.root_pem.as_bytes(), 0o644)
+                    .map_err(io(cert_path, "write"))?;
+                Ok(ca)
+            }
+            _ => Err(Error::Ca(format!(
+                "only one of {} and {} exists: provide both, or remove the other to generate a new CA",
+                cert_path.display(),
+                key_path.display()
+            ))),
+        }
+    }
+
+    /// Sets the lifetime of the certificates it issues.
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Ca {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// The lifetime of the certificates it issues.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// The trust domain it signs for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The root certificate (the trust bundle).
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    /// The root certificate as PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Signs `csr` (DER) for `identity`, after checking it names exactly that identity.
+    pub fn sign(&self, identity: &Identity, csr: &[u8]) -> Result<Signed> {
+        let refuse = |reason: String| Error::CsrRefused {
+            identity: identity.to_string(),
+            reason,
+        };
+        if identity.trust_domain() != self.trust_domain {
+            return Err(refuse(format!(
+                "the CA signs only for trust domain {}",
+                self.trust_domain
+            )));
+        }
+        let req =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+                .map_err(|e| {
+                    refuse(format!(
+                        "the CSR is unreadable or its signature is wrong ({e})"
+                    ))
+                })?;
+        let want = identity.to_string();
+        let sans: Vec<String> = req
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if sans != [want.clone()] {
+            return Err(refuse(format!(
+                "the CSR must name exactly the SAN {want}, but names {sans:?}"
+            )));
+        }
+        let uri = rcgen::string::Ia5String::try_from(want.as_str())
+            .map_err(|e| refuse(format!("the SPIFFE ID is not IA5 ({e})")))?;
+        // Take nothing but the public key from the request.
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - MAX_BACKDATE.min(self.lifetime / 4);
+        params.not_after = now + self.lifetime;
+        params.serial_number = Some(random_serial()?);
+        let cert = CertificateSigningRequestParams {
+            params,
+            public_key: req.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(rcgen_err("sign the certificate"))?;
+        Ok(Signed {
+            chain: vec![cert.der().clone()],
+            trust_bundle: vec![self.root.clone()],
+        })
+    }
+}
+
+fn random_serial() -> Result<SerialNumber> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| Error::Crypto("no randomness for a serial number".into()))?;
+    // Positive and without a leading zero octet.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn rcgen_err(what: &'static str) -> impl Fn(rcgen::Error) -> Error {
+    move |e| Error::Ca(format!("cannot {what}: {e}"))
+}
+
+/// PEM-encodes `der` with `label` (64-column base64).
+pub(crate) fn pem_encode(label: &str, der: &[u8]) -> Vec<u8> {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let v = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            b64.push(if i <= n {
+                B64[((v >> (18 - 6 * i)) & 63) as usize]
+            } else {
+                b'='
+            });
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n").into_bytes();
+    for line in b64.chunks(64) {
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.extend_from_slice(format!("-----END {label}-----\n").as_bytes());
+    zeroize::Zeroize::zeroize(&mut b64);
+    out
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::verify::spiffe_id_of;
+
+    fn csr_for(san: &str) -> Vec<u8> {
+        let key = EcKey::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            rcgen::string::Ia5String::try_from(san).unwrap(),
+        )];
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn signs_only_the_identity_the_csr_names() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let web = Identity::new("cluster.local", "shop", "web").unwrap();
+        let signed = ca.sign(&web, &csr_for(&web.to_string())).unwrap();
+        assert_eq!(spiffe_id_of(&signed.chain[0]).unwrap(), web);
+        assert_eq!(signed.trust_bundle, vec![ca.root().clone()]);
+
+        let db = Identity::new("cluster.local", "shop", "db").unwrap();
+        let err = ca.sign(&db, &csr_for(&web.to_string())).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spiffe://cluster.local/ns/shop/sa/db"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("exactly"), "{err}");
+
+        let other_td = Identity::new("other.td", "shop", "web").unwrap();
+        let err = ca
+            .sign(&other_td, &csr_for(&other_td.to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("trust domain"), "{err}");
+
+        let err = ca.sign(&web, b"not a csr").unwrap_err();
+        assert!(err.to_string().contains("unreadable"), "{err}");
+    }
+
+    #[test]
+    fn root_round_trips_through_files_with_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        let a = Ca::load_or_generate("cluster.local", &cert, &key).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let b = Ca::load_or_generate("cluster.local", &cert, &key).unwrap();
+        assert_eq!(a.root(), b.root());
+        assert!(!format!("{a:?}").contains("PRIVATE"));
+        std::fs::remove_file(&key).unwrap();
+        let err = Ca::load_or_generate("cluster.local", &cert, &key).unwrap_err();
+        assert!(err.to_string().contains("only one of"), "{err}");
+    }
+}
