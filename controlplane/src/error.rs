@@ -39,6 +39,42 @@ pub enum Error {
         /// Everything that is wrong, in document order.
         problems: Vec<Problem>,
     },
+    /// The control plane sent a value that does not parse.
+    #[error(
+        "the control plane sent an invalid {field} {value:?}; run a control plane and nodes of \
+         matching versions"
+    )]
+    Wire {
+        /// What the value was.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// A control plane endpoint is not a usable URL.
+    #[error("invalid control plane address {endpoint:?}: {reason}; use http://host:port")]
+    Endpoint {
+        /// The address as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A token file could not be used.
+    #[error("token file {}: {reason}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        reason: String,
+    },
+    /// A listener or connection failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The configured trust domain cannot be part of a SPIFFE ID.
     #[error("invalid trust domain {trust_domain:?}: {source}")]
     TrustDomain {

@@ -8,16 +8,31 @@
 //! tenant settings). [`error`] collects every configuration problem into one [`Error`].
 //! With feature `client`: [`api`] (generated gRPC types), [`convert`] (view ⇄ wire, deltas)
 //! and [`client`] (the node's Watch client). With `server`: [`server`] (Discovery, Identity,
-//! health, reflection), [`auth`] (bootstrap tokens) and [`watch`] (the file watcher). With
-//! `kube`: [`kubernetes`] (watchers, TokenReview, status conditions).
+//! health, reflection), [`auth`] (bootstrap tokens), [`ca`] (Identity, a stub) and [`feed`]
+//! (publication and the file watcher). With `kube`: `kubernetes` (watchers, TokenReview,
+//! status conditions).
 //!
 //! Must not touch: the data path, the environment. Only this crate links `kube`, and only with
 //! its `kube` feature; the client and the file-source server work without it.
 
+#[cfg(feature = "client")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod ca;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "client")]
+pub mod convert;
 pub mod crd;
 pub mod error;
+#[cfg(feature = "server")]
+pub mod feed;
 pub mod file;
 pub mod objects;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod view;
 
 pub use error::{Error, Origin, Problem, Result};

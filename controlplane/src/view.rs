@@ -187,6 +187,10 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// The identity the pod's traffic carries (its namespace and service account).
     pub identity: Identity,
+    /// The address of the pod's node (`status.hostIP`, the node's InternalIP): where the
+    /// node's mesh tunnel (port 15008) listens. `None` if the pod does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
 }
 
 impl NodeView {
@@ -755,6 +759,11 @@ fn translate_pods(
                 node: node.to_owned(),
                 ips,
                 identity,
+                host_ip: pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.host_ip.as_deref())
+                    .and_then(|ip| ip.parse().ok()),
             },
             pod.metadata.labels.clone().unwrap_or_default(),
         ));
