@@ -148,6 +148,16 @@ pub struct Running {
 /// whatever it had done).
 pub fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running> {
     let view = load_view(&config).context("cannot load the node view")?;
+    start_with_view(config, view, opts)
+}
+
+/// Starts the daemon with a view obtained elsewhere: `nodeproxy run` gets it from the control
+/// plane ([`crate::discovery`]), in-process or remote.
+pub fn start_with_view(
+    config: Config,
+    view: NodeView,
+    opts: StartOptions,
+) -> anyhow::Result<Running> {
     if view.local.is_empty() {
         tracing::warn!(
             node = %config.node,

@@ -62,6 +62,14 @@ pub struct RunArgs {
     /// The nft binary.
     #[arg(long, env = "NODEPROXY_NFT", default_value = "nft")]
     pub nft: PathBuf,
+    /// A remote control plane (`http://host:15012`) to watch this node's view from, instead of
+    /// running one in-process over --config or the embedded view. Needs --node.
+    #[arg(long, env = "NODEPROXY_CONTROL_PLANE", conflicts_with = "config")]
+    pub control_plane: Option<String>,
+    /// The bearer token for --control-plane, read at every connect: a bootstrap token, or the
+    /// projected service-account token (audience nodeproxy-controlplane).
+    #[arg(long, env = "NODEPROXY_CONTROL_PLANE_TOKEN_FILE", requires = "control_plane")]
+    pub control_plane_token_file: Option<PathBuf>,
 }
 
 /// Where the world view comes from.
@@ -72,6 +80,15 @@ pub enum ViewSource {
     File(PathBuf),
     /// The embedded demo view.
     Embedded,
+}
+
+/// A remote control plane.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// `http://host:port`.
+    pub endpoint: String,
+    /// Where the bearer token is read from at every connect.
+    pub token_file: Option<PathBuf>,
 }
 
 /// How traffic is captured.
@@ -106,6 +123,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Capture mode.
     pub capture: Capture,
+    /// A remote control plane; `None`: one runs in-process over `view`.
+    pub control_plane: Option<ControlPlane>,
 }
 
 /// Every problem found in the configuration, reported together.
@@ -117,6 +136,18 @@ impl Config {
     /// Resolves and validates `nodeproxy run` options.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
+        let control_plane = args.control_plane.clone().map(|endpoint| {
+            if args.node.is_none() {
+                errors.push(format!("--node (NODEPROXY_NODE) is required with --control-plane {endpoint}: name the node whose view to watch"));
+            }
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                errors.push(format!("--control-plane {endpoint:?}: use http://host:port"));
+            }
+            ControlPlane {
+                endpoint,
+                token_file: args.control_plane_token_file.clone(),
+            }
+        });
         let (view, node) = match (args.config, args.node) {
             (Some(path), Some(node)) => (ViewSource::File(path), node),
             (None, node) => (
@@ -189,6 +220,7 @@ impl Config {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             capture,
+            control_plane,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod admin_client;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod lab;
 pub mod metrics;
 pub mod outbound;

@@ -55,7 +55,13 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
-    let mut running = app::start(config, StartOptions::default())?;
+    // Every mode reads its view through the control plane API (in-process when standalone);
+    // not ready until the first full snapshot has arrived.
+    let mut discovery = nodeproxy::discovery::Discovery::start(&config)?;
+    let view = discovery.first_view(std::time::Duration::from_secs(60))?;
+    let mut views = discovery.updates();
+    let mut views_open = true;
+    let mut running = app::start_with_view(config, view, StartOptions::default())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -68,6 +74,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                changed = views.changed(), if views_open => {
+                    views_open = changed.is_ok();
+                    let update = views.borrow_and_update().clone();
+                    if let Some(update) = update
+                        && let Err(e) = running.apply_view(update.view.clone())
+                    {
+                        tracing::error!(error = format!("{e:#}"), version = update.version, "cannot apply the node view; keeping the last good one");
+                    }
+                }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the node view");
                     if let Err(e) = running.reload() {
@@ -80,6 +95,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     })?;
     tracing::info!("shutting down");
     running.shutdown();
+    drop(discovery);
     Ok(())
 }
 
