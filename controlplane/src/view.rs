@@ -281,7 +281,7 @@ pub struct Cluster {
     trust_domain: String,
     meshed_namespaces: Vec<String>,
     /// Meshed workloads with their pod's labels, sorted by (namespace, name).
-    workloads: Vec<(Workload, BTreeMap<String, String>)>,
+    workloads: Vec<Labelled>,
     services: Vec<Service>,
     /// Policies with their target selector, targets not yet resolved.
     policies: Vec<Policy>,
@@ -363,6 +363,9 @@ impl Cluster {
     }
 }
 
+/// A meshed workload with its pod's labels (for selectors).
+type Labelled = (Workload, BTreeMap<String, String>);
+
 /// Whether `labels` carry every `selector` pair (an empty selector selects everything).
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -373,7 +376,7 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 fn translate_services(
     objects: &Objects,
     meshed: &BTreeSet<&str>,
-    workloads: &[(Workload, BTreeMap<String, String>)],
+    workloads: &[Labelled],
 ) -> Vec<Service> {
     let mut services = Vec::new();
     for svc in &objects.services {
@@ -656,7 +659,7 @@ fn translate_pods(
     objects: &Objects,
     trust_domain: &str,
     mode: Mode,
-) -> (Vec<(Workload, BTreeMap<String, String>)>, Vec<Problem>) {
+) -> (Vec<Labelled>, Vec<Problem>) {
     let meshed = meshed_namespaces(objects);
     let mut workloads = Vec::new();
     let mut problems = Vec::new();
