@@ -1,0 +1,321 @@
+//! CPU fair share between tenants, enforced by the kernel, and per-thread CPU accounting.
+//!
+//! Owns [`CpuControl`]: it puts each pool's thread into a per-tenant CPU cgroup with a weight,
+//! using the best mechanism the host offers:
+//! - **cgroup v2** (`/sys/fs/cgroup` is cgroup2 with the `cpu` controller): threaded child
+//!   groups of the daemon's own cgroup, `cpu.weight`, threads moved via `cgroup.threads`;
+//! - **cgroup v1** (a `cpu` hierarchy is mounted): child groups of the daemon's own cpu cgroup,
+//!   `cpu.shares`, threads moved via `tasks`;
+//! - **nice**: where neither is writable, per-thread nice values approximate the weights
+//!   (one nice step is about ×1.25 of CPU weight);
+//! - **none**: placement switched off (the shared-runtime comparison mode).
+//!
+//! This is ~200 lines of our own cgroupfs code rather than `cgroups-rs`, because cgroups-rs
+//! hard-codes `/sys/fs/cgroup` as the only v2 mount, pulls zbus and an old nix (minutes of
+//! build), and we need only mkdir, four files and rmdir (see `docs/ARCHITECTURE.md`).
+//!
+//! Must not touch: sockets; any cgroup outside the daemon's own subtree.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The mechanism in force, as shown in `/tenants`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mechanism {
+    /// cgroup v2 threaded groups under this directory.
+    CgroupV2(PathBuf),
+    /// cgroup v1 cpu groups under this directory.
+    CgroupV1(PathBuf),
+    /// Per-thread nice values.
+    Nice,
+    /// No CPU placement.
+    None,
+}
+
+impl Mechanism {
+    /// A short name: `cgroup-v2`, `cgroup-v1`, `nice` or `none`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mechanism::CgroupV2(_) => "cgroup-v2",
+            Mechanism::CgroupV1(_) => "cgroup-v1",
+            Mechanism::Nice => "nice",
+            Mechanism::None => "none",
+        }
+    }
+}
+
+/// The default weight (as cgroup v2's `cpu.weight`).
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// Places pool threads in per-tenant CPU groups.
+#[derive(Debug, Clone)]
+pub struct CpuControl {
+    mechanism: Mechanism,
+}
+
+impl CpuControl {
+    /// No placement at all.
+    pub fn none() -> Self {
+        Self {
+            mechanism: Mechanism::None,
+        }
+    }
+
+    /// Per-thread nice values only.
+    pub fn nice() -> Self {
+        Self {
+            mechanism: Mechanism::Nice,
+        }
+    }
+
+    /// Picks the best writable mechanism: cgroup v2, then v1, then nice. `group` names our
+    /// subtree (e.g. `nodeproxy`) under the daemon's own cgroup; this process's tenants live in
+    /// `<group>/<pid>/<tenant>`, and groups left by dead processes are removed.
+    pub fn detect(group: &str) -> Self {
+        let group = format!("{group}/{}", std::process::id());
+        let group = group.as_str();
+        let mechanism = detect_v2(group)
+            .map(Mechanism::CgroupV2)
+            .or_else(|e| {
+                tracing::debug!(error = %e, "cgroup v2 cpu control not usable");
+                detect_v1(group).map(Mechanism::CgroupV1)
+            })
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "cgroup v1 cpu control not usable");
+                Mechanism::Nice
+            });
+        tracing::info!(mechanism = mechanism.name(), "tenant CPU share mechanism");
+        Self { mechanism }
+    }
+
+    /// The mechanism in force.
+    pub fn mechanism(&self) -> &Mechanism {
+        &self.mechanism
+    }
+
+    /// Puts thread `tid` into tenant `slug`'s group with `weight` (1..=10000).
+    pub fn place(&self, slug: &str, tid: i64, weight: u32) -> io::Result<()> {
+        let weight = weight.clamp(1, 10_000);
+        match &self.mechanism {
+            Mechanism::CgroupV2(base) => {
+                let dir = base.join(slug);
+                ensure_dir(&dir)?;
+                // Children of a threaded root must be threaded before threads can join.
+                if fs::read_to_string(dir.join("cgroup.type"))?.trim() != "threaded" {
+                    fs::write(dir.join("cgroup.type"), "threaded")?;
+                }
+                fs::write(dir.join("cpu.weight"), weight.to_string())?;
+                fs::write(dir.join("cgroup.threads"), tid.to_string())
+            }
+            Mechanism::CgroupV1(base) => {
+                let dir = base.join(slug);
+                ensure_dir(&dir)?;
+                fs::write(dir.join("cpu.shares"), v1_shares(weight).to_string())?;
+                fs::write(dir.join("tasks"), tid.to_string())
+            }
+            Mechanism::Nice => set_nice(tid, weight_to_nice(weight)),
+            Mechanism::None => Ok(()),
+        }
+    }
+
+    /// Removes tenant `slug`'s group once its threads are gone (best effort).
+    pub fn remove(&self, slug: &str) {
+        if let Mechanism::CgroupV1(base) | Mechanism::CgroupV2(base) = &self.mechanism {
+            let _ = fs::remove_dir(base.join(slug));
+        }
+    }
+
+    /// Removes this process's whole subtree (best effort; at shutdown, after the pools).
+    pub fn cleanup(&self) {
+        if let Mechanism::CgroupV1(base) | Mechanism::CgroupV2(base) = &self.mechanism {
+            remove_tree(base);
+            // The shared parent goes too once no other daemon uses it.
+            if let Some(parent) = base.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+/// Removes empty cgroup directories bottom-up (cgroupfs refuses to remove groups with tasks).
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Removes the subtrees of daemons that are gone (`<parent>/<pid>` with no such process).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            remove_tree(&e.path());
+        }
+    }
+}
+
+/// Creates `base` and the directories above it up to `root`, clearing stale siblings.
+fn ensure_tree(root: &Path, base: &Path) -> io::Result<()> {
+    if let Some(parent) = base.parent() {
+        if parent != root {
+            ensure_dir(parent)?;
+            remove_stale(parent);
+        }
+    }
+    ensure_dir(base)
+}
+
+/// cgroup v1 `cpu.shares` for a v2-style weight (100 → 1024).
+pub fn v1_shares(weight: u32) -> u64 {
+    (u64::from(weight) * 1024 / 100).max(2)
+}
+
+/// The nice value whose CFS weight is closest to `weight` relative to 100 (nice 0).
+pub fn weight_to_nice(weight: u32) -> i32 {
+    let ratio = f64::from(weight.max(1)) / f64::from(DEFAULT_WEIGHT);
+    (-(ratio.ln() / 1.25f64.ln())).round().clamp(-20.0, 19.0) as i32
+}
+
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        r => r,
+    }
+}
+
+/// Our own cgroup path for a controller, from `/proc/self/cgroup`.
+fn own_cgroup(controller: Option<&str>) -> io::Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        let matches = match controller {
+            None => controllers.is_empty(),
+            Some(c) => controllers.split(',').any(|x| x == c),
+        };
+        if matches {
+            return Ok(PathBuf::from(path.trim_start_matches('/')));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no {controller:?} line in /proc/self/cgroup"),
+    ))
+}
+
+fn detect_v2(group: &str) -> io::Result<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let controllers = fs::read_to_string(root.join("cgroup.controllers"))?;
+    if !controllers.split_whitespace().any(|c| c == "cpu") {
+        return Err(io::Error::other(
+            "the cpu controller is not on the v2 hierarchy",
+        ));
+    }
+    // Our own cgroup becomes the threaded root; its cpu controller must reach its children.
+    // Never turn the host's root cgroup into that.
+    let own_rel = own_cgroup(None)?;
+    if own_rel.as_os_str().is_empty() {
+        return Err(io::Error::other(
+            "the daemon runs in the root cgroup; give it a cgroup of its own (a pod does)",
+        ));
+    }
+    let own = root.join(own_rel);
+    fs::write(own.join("cgroup.subtree_control"), "+cpu")?;
+    let base = own.join(group);
+    ensure_tree(&own, &base)?;
+    for dir in [base.parent().unwrap_or(&base), &base] {
+        if fs::read_to_string(dir.join("cgroup.type"))?.trim() != "threaded" {
+            fs::write(dir.join("cgroup.type"), "threaded")?;
+        }
+        fs::write(dir.join("cgroup.subtree_control"), "+cpu")?;
+    }
+    Ok(base)
+}
+
+fn detect_v1(group: &str) -> io::Result<PathBuf> {
+    let root = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("cpu.shares").exists())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup v1 cpu hierarchy"))?;
+    let own = root.join(own_cgroup(Some("cpu"))?);
+    let base = own.join(group);
+    ensure_tree(&own, &base)?;
+    // Proves we may write here, not just create directories.
+    let shares = base.join("cpu.shares");
+    let current = fs::read_to_string(&shares)?;
+    fs::write(&shares, current.trim())?;
+    Ok(base)
+}
+
+/// Sets a thread's nice value.
+#[allow(unsafe_code)]
+fn set_nice(tid: i64, nice: i32) -> io::Result<()> {
+    let id = libc::id_t::try_from(tid).map_err(|_| io::Error::other("bad thread id"))?;
+    // SAFETY: setpriority takes plain integers and touches no memory of ours; with
+    // PRIO_PROCESS and a thread id it changes only that thread's nice value.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, id, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// CPU time a thread of this process has used, from the kernel's own accounting
+/// (`/proc/self/task/<tid>/schedstat`, nanoseconds on CPU).
+pub fn thread_cpu_seconds(tid: i64) -> Option<f64> {
+    let text = fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_map_to_each_mechanism() {
+        assert_eq!(v1_shares(100), 1024);
+        assert_eq!(v1_shares(400), 4096);
+        assert_eq!(v1_shares(25), 256);
+        assert_eq!(weight_to_nice(100), 0);
+        // ×4 weight ≈ 6 nice steps of ×1.25.
+        assert_eq!(weight_to_nice(400), -6);
+        assert_eq!(weight_to_nice(25), 6);
+        assert_eq!(weight_to_nice(10_000), -20);
+        assert_eq!(weight_to_nice(1), 19);
+    }
+
+    #[test]
+    fn thread_cpu_time_is_read_from_the_kernel() {
+        let tid: i64 = fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+            .unwrap_or(0);
+        let before = thread_cpu_seconds(tid).unwrap_or(0.0);
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let after = thread_cpu_seconds(tid).unwrap_or(0.0);
+        assert!(x > 0);
+        assert!(after - before > 0.01, "{before} → {after}");
+    }
+}
