@@ -88,6 +88,7 @@ fn route(role: Role, state: &AdminState, req: &Request<Incoming>) -> Response<Fu
         (Role::Admin, "/config_dump") => json(&config_dump(state)),
         (Role::Admin, "/tenants") => json(&tenants(state)),
         (Role::Metrics, "/metrics") => {
+            crate::metrics::record_tenants(&state.pools);
             let body = crate::metrics::handle().render();
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
@@ -128,14 +129,32 @@ pub struct TenantInfo {
     pub tenant: String,
     /// Its local pods (`namespace/name`) and their IPs.
     pub pods: Vec<PodInfo>,
-    /// Connections open now (jobs running in its pool).
-    pub open_connections: i64,
-    /// Connections handed to its pool since it started.
+    /// Connections open now (admitted and not yet closed).
+    pub open_connections: u64,
+    /// Connections admitted since its pool started.
     pub connections_total: u64,
+    /// Jobs running in its pool now (connections and its own background work).
+    pub active_jobs: i64,
     /// Panics caught in its pool.
     pub panics: u64,
-    /// The kernel thread id of its pool thread.
-    pub thread_id: i64,
+    /// Times its dead worker was restarted.
+    pub restarts: u64,
+    /// Kernel thread ids of its pool's threads.
+    pub thread_ids: Vec<i64>,
+    /// `per-tenant` or `shared` threads.
+    pub isolation: &'static str,
+    /// How its CPU weight is enforced: `cgroup-v2`, `cgroup-v1`, `nice` or `none`.
+    pub cpu_share: &'static str,
+    /// Its CPU weight.
+    pub weight: u32,
+    /// CPU seconds its own threads used (absent when threads are shared).
+    pub cpu_seconds: Option<f64>,
+    /// Buffer bytes charged to it now.
+    pub buffer_bytes: u64,
+    /// Its limits (`null` is unlimited).
+    pub limits: controlplane::view::TenantLimits,
+    /// New work its limits refused, by reason.
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// A pod in `/tenants`.
@@ -151,11 +170,18 @@ fn tenants(state: &AdminState) -> Vec<TenantInfo> {
     let snap = state.snapshot.load();
     let stats: std::collections::BTreeMap<Identity, tenancy::PoolStats> =
         state.pools.stats().into_iter().collect();
+    let settings: std::collections::BTreeMap<&Identity, &controlplane::view::TenantSettings> =
+        snap.view.tenants.iter().map(|t| (&t.identity, t)).collect();
+    let isolation = match state.pools.isolation() {
+        tenancy::Isolation::PerTenant => "per-tenant",
+        tenancy::Isolation::Shared(_) => "shared",
+    };
+    let cpu_share = state.pools.cpu().mechanism().name();
     snap.view
         .tenants()
         .into_iter()
         .map(|(id, pods)| {
-            let s = stats.get(id).copied().unwrap_or_default();
+            let s = stats.get(id).cloned().unwrap_or_default();
             TenantInfo {
                 tenant: id.to_string(),
                 pods: pods
@@ -165,10 +191,22 @@ fn tenants(state: &AdminState) -> Vec<TenantInfo> {
                         ips: w.ips.clone(),
                     })
                     .collect(),
-                open_connections: s.active,
-                connections_total: s.spawned,
+                open_connections: s.admitted,
+                connections_total: s.admitted_total,
+                active_jobs: s.active,
                 panics: s.panics,
-                thread_id: s.tid,
+                restarts: s.restarts,
+                thread_ids: s.tids,
+                isolation,
+                cpu_share,
+                weight: s.weight,
+                cpu_seconds: s.cpu_seconds,
+                buffer_bytes: s.buffer_bytes,
+                limits: settings
+                    .get(id)
+                    .map(|t| t.limits.clone())
+                    .unwrap_or_default(),
+                rejected: s.rejected.iter().map(|(r, n)| (r.as_str(), *n)).collect(),
             }
         })
         .collect()

@@ -20,7 +20,9 @@ use tenancy::Pools;
 use tokio::sync::oneshot;
 
 use crate::admin::{self, AdminState, Role};
-use crate::config::{Capture, Config, EMBEDDED_CONFIG, ViewSource};
+use crate::config::{
+    Capture, Config, CpuControlMode, EMBEDDED_CONFIG, IsolationConfig, IsolationMode, ViewSource,
+};
 use crate::metrics;
 use crate::outbound::{self, OrigDst, Outbound};
 use crate::state::{Readiness, Snapshot};
@@ -138,6 +140,9 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Bound metrics listener.
     pub metrics_addr: SocketAddr,
+    /// Bound mesh tunnel listener, if the tunnel is on.
+    pub tunnel_addr: Option<SocketAddr>,
+    mesh: Option<crate::tunnel::Mesh>,
     state: AdminState,
     rules: Option<Rules>,
     accept: Option<RuntimeThread>,
@@ -188,11 +193,19 @@ pub fn start_with_view(
         .map(|l| l.local_addr())
         .collect::<Result<_, _>>()?;
     let admin_addr = admin_listener.local_addr()?;
+    let tunnel_listener = match &config.tunnel {
+        Some(t) => Some(bind(t.addr).map_err(|e| bind_error(t.addr, "--tunnel-addr", e))?),
+        None => None,
+    };
+    let tunnel_addr = tunnel_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let metrics_addr = metrics_listener.local_addr()?;
 
     let _ = metrics::handle();
-    let pools: Arc<Pools<Identity>> = Arc::new(Pools::new());
-    pools.reconcile(&snapshot.tenants())?;
+    let pools: Arc<Pools<Identity>> = Arc::new(build_pools(&config.isolation)?);
+    pools.reconcile(&snapshot.tenant_configs())?;
     ::metrics::gauge!(metrics::TENANTS).set(pools.keys().len() as f64);
 
     let readiness = Arc::new(Readiness::default());
@@ -205,6 +218,7 @@ pub fn start_with_view(
     };
 
     let admin = RuntimeThread::start("np-admin")?;
+    admin.handle.spawn(supervise(state.pools.clone()));
     for (listener, role) in [
         (admin_listener, Role::Admin),
         (metrics_listener, Role::Metrics),
@@ -219,11 +233,16 @@ pub fn start_with_view(
     }
 
     let accept = RuntimeThread::start("np-accept")?;
+    let mesh = match &state.config.tunnel {
+        Some(t) => Some(mesh_context(t, &state)?),
+        None => None,
+    };
     let ctx = Outbound {
         snapshot: state.snapshot.clone(),
         pools: state.pools.clone(),
         orig_dst: opts.orig_dst,
         listeners: outbound_addrs.clone().into(),
+        mesh: mesh.clone(),
     };
     for listener in outbound_listeners {
         let ctx = ctx.clone();
@@ -234,11 +253,25 @@ pub fn start_with_view(
             }
         });
     }
+    if let (Some(listener), Some(mesh)) = (tunnel_listener, &mesh) {
+        let ctx = crate::inbound::Inbound {
+            pools: state.pools.clone(),
+            mesh: mesh.clone(),
+        };
+        accept.handle.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => crate::inbound::accept_loop(l, ctx).await,
+                Err(e) => tracing::error!(error = %e, "cannot serve the tunnel listener"),
+            }
+        });
+    }
 
     let mut running = Running {
         outbound_addrs,
         admin_addr,
         metrics_addr,
+        tunnel_addr,
+        mesh,
         state,
         rules,
         accept: Some(accept),
@@ -294,7 +327,7 @@ impl Running {
         let added: Vec<_> = new_ips.difference(&old_ips).copied().collect();
         let removed: Vec<_> = old_ips.difference(&new_ips).copied().collect();
         // Know new pods before their traffic is captured.
-        let tenants = new.tenants();
+        let tenant_configs = new.tenant_configs();
         self.state.snapshot.store(Arc::new(new));
         if let Some(rules) = &self.rules {
             rules
@@ -302,7 +335,7 @@ impl Running {
                 .update(&rules.table, &added, &removed)
                 .context("cannot update the capture set")?;
         }
-        let (t_added, t_removed) = self.state.pools.reconcile(&tenants)?;
+        let (t_added, t_removed) = self.state.pools.reconcile(&tenant_configs)?;
         ::metrics::gauge!(metrics::TENANTS).set(self.state.pools.keys().len() as f64);
         tracing::info!(
             pods_added = added.len(), pods_removed = removed.len(),
@@ -333,6 +366,70 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The tenants' pools in the configured isolation mode.
+fn build_pools(isolation: &IsolationConfig) -> anyhow::Result<Pools<Identity>> {
+    let pools = match isolation.mode {
+        IsolationMode::PerTenant => {
+            let cpu = match isolation.cpu_control {
+                CpuControlMode::Auto => tenancy::CpuControl::detect("nodeproxy"),
+                CpuControlMode::Nice => tenancy::CpuControl::nice(),
+                CpuControlMode::None => tenancy::CpuControl::none(),
+            };
+            Pools::with(tenancy::Isolation::PerTenant, cpu)?
+        }
+        IsolationMode::Shared => Pools::with(
+            tenancy::Isolation::Shared(isolation.shared_threads),
+            tenancy::CpuControl::none(),
+        )?,
+    };
+    tracing::info!(
+        isolation = ?isolation.mode,
+        cpu_share = pools.cpu().mechanism().name(),
+        "tenant pools ready"
+    );
+    Ok(pools)
+}
+
+/// Restarts dead pool workers, once a second, for the life of the admin runtime.
+async fn supervise(pools: Arc<Pools<Identity>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for tenant in pools.supervise() {
+            ::metrics::counter!(metrics::TENANT_POOL_RESTARTS_TOTAL, "tenant" => tenant.to_string())
+                .increment(1);
+        }
+    }
+}
+
+/// The mesh context: in standalone mode an embedded CA (from the operator's files, or generated
+/// in memory) behind node authorization signs the tenants' certificates.
+fn mesh_context(
+    t: &crate::config::TunnelConfig,
+    state: &AdminState,
+) -> anyhow::Result<crate::tunnel::Mesh> {
+    let td = &state.config.trust_domain;
+    let ca = match &t.ca_files {
+        Some((cert, key)) => certs::Ca::load_or_generate(td, cert, key)
+            .with_context(|| format!("cannot load or create the CA at {}", cert.display()))?,
+        None => {
+            tracing::warn!(
+                "no --ca-cert/--ca-key: using an in-memory CA that only this node trusts; \
+                 tunnels to other nodes will be refused"
+            );
+            certs::Ca::generate(td)?
+        }
+    }
+    .with_lifetime(std::time::Duration::from_secs(t.cert_lifetime_secs));
+    let signer =
+        crate::tunnel::LocalCaSigner::new(ca, state.config.node.clone(), state.snapshot.clone());
+    Ok(crate::tunnel::Mesh {
+        signer: Arc::new(signer),
+        rotation: certs::RotationOptions::default(),
+        snapshot: state.snapshot.clone(),
+    })
 }
 
 /// Binds a non-blocking listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]`

@@ -25,6 +25,8 @@ pub mod ports {
     pub const ADMIN: u16 = 15000;
     /// Prometheus `/metrics`.
     pub const METRICS: u16 = 15020;
+    /// Mesh tunnel (mTLS, HTTP/2 CONNECT).
+    pub const TUNNEL: u16 = 15008;
 }
 
 /// `nodeproxy run` options. Every flag can also be set by its `NODEPROXY_*` variable.
@@ -68,8 +70,105 @@ pub struct RunArgs {
     pub control_plane: Option<String>,
     /// The bearer token for --control-plane, read at every connect: a bootstrap token, or the
     /// projected service-account token (audience nodeproxy-controlplane).
-    #[arg(long, env = "NODEPROXY_CONTROL_PLANE_TOKEN_FILE", requires = "control_plane")]
+    #[arg(
+        long,
+        env = "NODEPROXY_CONTROL_PLANE_TOKEN_FILE",
+        requires = "control_plane"
+    )]
     pub control_plane_token_file: Option<PathBuf>,
+    /// Tenant isolation: `per-tenant` (each tenant's connections on a thread of its own, in a
+    /// CPU group weighted by its TenantPolicy) or `shared` (all tenants on shared threads — the
+    /// model of a proxy with one runtime, kept for comparison).
+    #[arg(long, env = "NODEPROXY_ISOLATION", value_enum, default_value_t = IsolationMode::PerTenant)]
+    pub isolation: IsolationMode,
+    /// Threads of the shared mode (default: the number of CPUs).
+    #[arg(long, env = "NODEPROXY_SHARED_THREADS")]
+    pub shared_threads: Option<usize>,
+    /// How per-tenant CPU weights are enforced: `auto` (cgroup v2, else cgroup v1, else nice),
+    /// `nice`, or `none`.
+    #[arg(long, env = "NODEPROXY_CPU_CONTROL", value_enum, default_value_t = CpuControlMode::Auto)]
+    pub cpu_control: CpuControlMode,
+    /// Mesh tunnel listener (mTLS, HTTP/2 CONNECT). Peers are always dialled on port 15008.
+    #[arg(long, env = "NODEPROXY_TUNNEL_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::TUNNEL)))]
+    pub tunnel_addr: SocketAddr,
+    /// Do not run the mesh tunnel: traffic to meshed pods on other nodes passes as plain TCP.
+    #[arg(long, env = "NODEPROXY_NO_TUNNEL")]
+    pub no_tunnel: bool,
+    /// Standalone CA certificate (PEM). With --ca-key: loaded if both files exist, else a new
+    /// CA is generated and written there, so that several standalone nodes can share it. The
+    /// CA key is the only private key nodeproxy ever writes to disk.
+    #[arg(long, env = "NODEPROXY_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Standalone CA key (PEM, PKCS#8), see --ca-cert.
+    #[arg(long, env = "NODEPROXY_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates in seconds (renewed at half of it).
+    #[arg(long, env = "NODEPROXY_CERT_LIFETIME_SECS", default_value_t = 86_400)]
+    pub cert_lifetime_secs: u64,
+}
+
+/// The mesh tunnel and the standalone CA.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// Listener of the tunnel.
+    pub addr: SocketAddr,
+    /// Standalone CA files (certificate, key), or `None` for an in-memory CA that only this
+    /// node trusts. Only the paths are dumped, never the contents.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of workload certificates, seconds.
+    pub cert_lifetime_secs: u64,
+}
+
+impl RunArgs {
+    /// Parses `nodeproxy run` flags (without the program name and verb): for tests and lab
+    /// experiments that start the daemon in-process.
+    pub fn from_flags<I, T>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("run"))
+            .chain(flags.into_iter().map(Into::into));
+        <Flags as clap::Parser>::try_parse_from(argv).map(|f| f.run)
+    }
+}
+
+/// `--isolation` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationMode {
+    /// A thread per tenant in a weighted CPU group.
+    PerTenant,
+    /// Every tenant on the same shared threads.
+    Shared,
+}
+
+/// `--cpu-control` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuControlMode {
+    /// cgroup v2, else cgroup v1, else nice.
+    Auto,
+    /// Per-thread nice values.
+    Nice,
+    /// No CPU placement.
+    None,
+}
+
+/// How tenants are kept apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct IsolationConfig {
+    /// Per-tenant threads or shared threads.
+    pub mode: IsolationMode,
+    /// Threads of the shared mode.
+    pub shared_threads: usize,
+    /// CPU weight enforcement of the per-tenant mode.
+    pub cpu_control: CpuControlMode,
 }
 
 /// Where the world view comes from.
@@ -125,6 +224,10 @@ pub struct Config {
     pub capture: Capture,
     /// A remote control plane; `None`: one runs in-process over `view`.
     pub control_plane: Option<ControlPlane>,
+    /// Tenant isolation.
+    pub isolation: IsolationConfig,
+    /// The mesh tunnel, unless disabled.
+    pub tunnel: Option<TunnelConfig>,
 }
 
 /// Every problem found in the configuration, reported together.
@@ -209,6 +312,27 @@ impl Config {
                 ));
             }
         }
+        if args.shared_threads == Some(0) {
+            errors.push("--shared-threads 0: the shared mode needs at least one thread".to_owned());
+        }
+        let isolation = IsolationConfig {
+            mode: args.isolation,
+            shared_threads: args.shared_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+            }),
+            cpu_control: args.cpu_control,
+        };
+        if args.cert_lifetime_secs < 2 {
+            errors.push(format!(
+                "--cert-lifetime-secs {}: certificates must live at least 2 seconds",
+                args.cert_lifetime_secs
+            ));
+        }
+        let tunnel = (!args.no_tunnel).then(|| TunnelConfig {
+            addr: args.tunnel_addr,
+            ca_files: args.ca_cert.zip(args.ca_key),
+            cert_lifetime_secs: args.cert_lifetime_secs,
+        });
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -221,6 +345,8 @@ impl Config {
             metrics_addr: args.metrics_addr,
             capture,
             control_plane,
+            isolation,
+            tunnel,
         })
     }
 

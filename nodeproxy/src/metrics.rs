@@ -27,14 +27,36 @@ pub const TCP_REFUSED_TOTAL: &str = "nodeproxy_tcp_refused_total";
 pub const TENANTS: &str = "nodeproxy_tenants";
 /// Panics caught inside a tenant's pool.
 pub const TENANT_PANICS_TOTAL: &str = "nodeproxy_tenant_panics_total";
+/// New work a tenant's own limits refused (labels `tenant`, `reason`).
+pub const TENANT_REJECTED_TOTAL: &str = "nodeproxy_tenant_rejected_total";
+/// CPU seconds used by a tenant's pool threads, from the kernel (a gauge: the exporter's
+/// counters are integers).
+pub const TENANT_CPU_SECONDS_TOTAL: &str = "nodeproxy_tenant_cpu_seconds_total";
+/// Connections a tenant holds admitted now.
+pub const TENANT_OPEN_CONNECTIONS: &str = "nodeproxy_tenant_open_connections";
+/// Buffer bytes charged to a tenant now.
+pub const TENANT_BUFFER_BYTES: &str = "nodeproxy_tenant_buffer_bytes";
+/// A tenant's CPU weight.
+pub const TENANT_WEIGHT: &str = "nodeproxy_tenant_weight";
+/// Times a tenant's dead pool worker was restarted.
+pub const TENANT_POOL_RESTARTS_TOTAL: &str = "nodeproxy_tenant_pool_restarts_total";
 /// Whether the capture rules are in place (1) or not (0).
 pub const REDIRECT_RULES_APPLIED: &str = "nodeproxy_redirect_rules_applied";
+/// Mesh tunnel TLS handshakes (labels `tenant`, `direction`, `result`: `ok`, `error`,
+/// `timeout`, `no_certificate`).
+pub const TLS_HANDSHAKES_TOTAL: &str = "nodeproxy_tls_handshakes_total";
+/// When the tenant's current certificate expires (Unix seconds).
+pub const CERT_EXPIRY_TIMESTAMP_SECONDS: &str = "nodeproxy_cert_expiry_timestamp_seconds";
+/// The `peer` label value when the other side has no mesh identity.
+pub const PEER_UNKNOWN: &str = "unknown";
 
 /// Traffic direction label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     /// From a local pod to anywhere.
     Outbound,
+    /// From a peer node's tunnel to a local pod.
+    Inbound,
 }
 
 impl Direction {
@@ -42,6 +64,7 @@ impl Direction {
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
         }
     }
 }
@@ -67,6 +90,7 @@ pub fn handle() -> &'static PrometheusHandle {
 #[derive(Debug)]
 pub struct ConnMetrics {
     tenant: String,
+    peer: String,
     direction: Direction,
     outcome: &'static str,
     /// Bytes read from downstream.
@@ -77,17 +101,25 @@ pub struct ConnMetrics {
 }
 
 impl ConnMetrics {
-    /// Counts a newly opened connection of `tenant`.
+    /// Counts a newly opened connection of `tenant` whose other side has no mesh identity.
     pub fn open(tenant: &str, direction: Direction) -> Self {
+        Self::open_with_peer(tenant, direction, PEER_UNKNOWN)
+    }
+
+    /// Counts a newly opened connection of `tenant` with the meshed identity `peer` (the
+    /// destination for outbound, the client for inbound).
+    pub fn open_with_peer(tenant: &str, direction: Direction, peer: &str) -> Self {
         let labels = [
             ("tenant", tenant.to_owned()),
             ("direction", direction.as_str().to_owned()),
+            ("peer", peer.to_owned()),
         ];
         metrics::counter!(TCP_OPEN_TOTAL, &labels).increment(1);
         let open = metrics::gauge!(TCP_OPEN_CONNECTIONS, &labels);
         open.increment(1.0);
         Self {
             tenant: tenant.to_owned(),
+            peer: peer.to_owned(),
             direction,
             outcome: "internal",
             read_bytes: metrics::counter!(TCP_READ_BYTES_TOTAL, &labels),
@@ -108,10 +140,31 @@ impl Drop for ConnMetrics {
             TCP_CLOSE_TOTAL,
             "tenant" => std::mem::take(&mut self.tenant),
             "direction" => self.direction.as_str(),
+            "peer" => std::mem::take(&mut self.peer),
             "error" => self.outcome,
         )
         .increment(1);
         self.open.decrement(1.0);
+    }
+}
+
+/// Counts new work of `tenant` refused by its own limits.
+pub fn tenant_rejected(tenant: &certs::Identity, reason: &'static str) {
+    metrics::counter!(TENANT_REJECTED_TOTAL, "tenant" => tenant.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+/// Copies every pool's accounting into the tenant metrics (called before each scrape).
+pub fn record_tenants(pools: &tenancy::Pools<certs::Identity>) {
+    for (tenant, s) in pools.stats() {
+        let t = tenant.to_string();
+        if let Some(cpu) = s.cpu_seconds {
+            metrics::gauge!(TENANT_CPU_SECONDS_TOTAL, "tenant" => t.clone()).set(cpu);
+        }
+        metrics::gauge!(TENANT_OPEN_CONNECTIONS, "tenant" => t.clone()).set(s.admitted as f64);
+        metrics::gauge!(TENANT_BUFFER_BYTES, "tenant" => t.clone()).set(s.buffer_bytes as f64);
+        metrics::gauge!(TENANT_WEIGHT, "tenant" => t.clone()).set(f64::from(s.weight));
+        metrics::counter!(TENANT_PANICS_TOTAL, "tenant" => t).absolute(s.panics);
     }
 }
 

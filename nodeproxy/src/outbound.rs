@@ -70,6 +70,8 @@ pub enum Refusal {
     Loop,
     /// The tenant's pool is closed (its last pod just left).
     PoolClosed,
+    /// The destination is a meshed pod on another node whose address the view does not know.
+    NoTunnelPeer,
 }
 
 impl Refusal {
@@ -80,6 +82,7 @@ impl Refusal {
             Refusal::NotRedirected => "not_redirected",
             Refusal::Loop => "loop",
             Refusal::PoolClosed => "pool_closed",
+            Refusal::NoTunnelPeer => "no_tunnel_peer",
         }
     }
 }
@@ -87,23 +90,40 @@ impl Refusal {
 /// What to do with a captured connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Relay to `dst` on behalf of the pod's tenant.
+    /// Relay to `dst` directly on behalf of the pod's tenant: a same-node meshed pod (then
+    /// `peer` is its identity; no network, no encryption, but both identities are known) or a
+    /// non-mesh destination (plain TCP passthrough, `peer` is `None`).
     Relay {
         /// The source pod (and through it, the tenant).
         pod: LocalPod,
         /// The original destination.
         dst: SocketAddr,
+        /// The destination's identity, if it is a meshed pod on this node.
+        peer: Option<Identity>,
+    },
+    /// A meshed pod on another node: through the mesh tunnel from the source tenant's pool.
+    Tunnel {
+        /// The source pod (and through it, the tenant).
+        pod: LocalPod,
+        /// The original destination (the `:authority` of the CONNECT).
+        dst: SocketAddr,
+        /// The destination identity and its node's tunnel address.
+        peer: crate::tunnel::client::RemotePeer,
     },
     /// Refuse the connection.
     Refuse(Refusal),
 }
 
 /// Decides what to do with a connection from `peer` to `orig_dst` (pure).
+///
+/// With `tunnel_enabled` false (no mesh tunnel configured) remote meshed pods are treated as
+/// non-mesh destinations.
 pub fn decide(
     snap: &Snapshot,
     peer: SocketAddr,
     orig_dst: Option<SocketAddr>,
     listeners: &[SocketAddr],
+    tunnel_enabled: bool,
 ) -> Decision {
     let Some(dst) = orig_dst else {
         return Decision::Refuse(Refusal::NotRedirected);
@@ -115,12 +135,36 @@ pub fn decide(
     {
         return Decision::Refuse(Refusal::Loop);
     }
-    match snap.pod_by_ip(peer.ip()) {
-        Some(pod) => Decision::Relay {
-            pod: pod.clone(),
+    let Some(pod) = snap.pod_by_ip(peer.ip()) else {
+        return Decision::Refuse(Refusal::UnknownSource);
+    };
+    let pod = pod.clone();
+    if let Some(local) = snap.pod_by_ip(dst.ip()) {
+        return Decision::Relay {
+            pod,
             dst,
+            peer: Some(local.tenant.clone()),
+        };
+    }
+    match snap.remote_by_ip(dst.ip()) {
+        Some(remote) if tunnel_enabled => match remote.node_ip {
+            Some(node_ip) => Decision::Tunnel {
+                pod,
+                dst,
+                peer: crate::tunnel::client::RemotePeer {
+                    identity: remote.identity.clone(),
+                    node: SocketAddr::new(node_ip, crate::tunnel::TUNNEL_PORT),
+                },
+            },
+            // A meshed pod whose node address is unknown cannot be reached with mTLS;
+            // refuse rather than send its traffic in the clear.
+            None => Decision::Refuse(Refusal::NoTunnelPeer),
         },
-        None => Decision::Refuse(Refusal::UnknownSource),
+        _ => Decision::Relay {
+            pod,
+            dst,
+            peer: None,
+        },
     }
 }
 
@@ -135,6 +179,8 @@ pub struct Outbound {
     pub orig_dst: OrigDst,
     /// Our own outbound listener addresses (loop detection).
     pub listeners: Arc<[SocketAddr]>,
+    /// The mesh tunnel, if enabled.
+    pub mesh: Option<crate::tunnel::Mesh>,
 }
 
 /// Accepts captured connections forever, classifying each and handing it to its tenant's pool.
@@ -150,10 +196,21 @@ pub async fn accept_loop(listener: TcpListener, ctx: Outbound) {
             }
         };
         let orig = ctx.orig_dst.lookup(&stream);
-        let decision = decide(&ctx.snapshot.load(), peer, orig, &ctx.listeners);
+        let decision = decide(
+            &ctx.snapshot.load(),
+            peer,
+            orig,
+            &ctx.listeners,
+            ctx.mesh.is_some(),
+        );
         match decision {
             Decision::Refuse(reason) => refuse(stream, peer, orig, reason),
-            Decision::Relay { pod, dst } => hand_off(&ctx, stream, peer, pod, dst),
+            Decision::Relay { pod, dst, peer: id } => hand_off(&ctx, stream, peer, pod, dst, id),
+            Decision::Tunnel {
+                pod,
+                dst,
+                peer: remote,
+            } => hand_off_tunnel(&ctx, stream, peer, pod, dst, remote),
         }
     }
 }
@@ -177,12 +234,58 @@ fn hand_off(
     peer: SocketAddr,
     pod: LocalPod,
     dst: SocketAddr,
+    peer_id: Option<Identity>,
 ) {
+    hand_off_job(ctx, stream, peer, pod, dst, move |std_stream, pod| {
+        relay::outbound(std_stream, peer, pod, dst, peer_id)
+    });
+}
+
+/// Like [`hand_off`], for a connection that goes through the mesh tunnel.
+fn hand_off_tunnel(
+    ctx: &Outbound,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod: LocalPod,
+    dst: SocketAddr,
+    remote: crate::tunnel::client::RemotePeer,
+) {
+    let Some(mesh) = ctx.mesh.clone() else {
+        return refuse(stream, peer, Some(dst), Refusal::NoTunnelPeer);
+    };
+    hand_off_job(ctx, stream, peer, pod, dst, move |std_stream, pod| {
+        crate::tunnel::client::outbound(std_stream, peer, pod, dst, remote, mesh)
+    });
+}
+
+/// The admit phase and the hand-off: the tenant's pool admits the connection against that
+/// tenant's own limits (charging its buffers), or sheds it; then the socket leaves the accept
+/// runtime and `job` runs in the pool, holding the admission until it ends.
+fn hand_off_job<F, Fut>(
+    ctx: &Outbound,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod: LocalPod,
+    dst: SocketAddr,
+    job: F,
+) where
+    F: FnOnce(std::net::TcpStream, LocalPod) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     let pool = match ctx.pools.get_or_create(&pod.tenant) {
         Ok(pool) => pool,
         Err(e) => {
             tracing::error!(tenant = %pod.tenant, error = %e, "no pool for tenant");
             return refuse(stream, peer, Some(dst), Refusal::PoolClosed);
+        }
+    };
+    let admission = match pool.admit(relay::BUFFER_BYTES) {
+        Ok(a) => a,
+        Err(rejection) => {
+            metrics::tenant_rejected(&pod.tenant, rejection.as_str());
+            tracing::debug!(tenant = %pod.tenant, %peer, reason = rejection.as_str(), "connection shed");
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            return;
         }
     };
     // Leave this runtime's reactor; the job re-registers the socket with the pool's own.
@@ -194,7 +297,13 @@ fn hand_off(
         }
     };
     let tenant = pod.tenant.clone();
-    let spawned = pool.spawn(move || relay::outbound(std_stream, peer, pod, dst));
+    let spawned = pool.spawn(move || {
+        let fut = job(std_stream, pod);
+        async move {
+            let _admission = admission;
+            fut.await;
+        }
+    });
     if let Err(e) = spawned {
         tracing::debug!(%tenant, error = %e, "pool closed while handing off");
         metrics::refused(Refusal::PoolClosed.as_str());
@@ -214,6 +323,7 @@ mod tests {
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
             identity: Identity::new("cluster.local", "shop", sa).unwrap(),
+            host_ip: None,
         };
         let view = NodeView {
             node: "n1".into(),
@@ -222,8 +332,21 @@ mod tests {
                 w("web-0", "web", "10.200.1.2"),
                 w("db-0", "db", "fdfe:200:2::2"),
             ],
-            remote: vec![],
+            remote: vec![
+                Workload {
+                    node: "n2".into(),
+                    host_ip: Some("192.168.0.2".parse().unwrap()),
+                    ..w("api-0", "api", "10.200.9.2")
+                },
+                Workload {
+                    node: "n3".into(),
+                    ..w("lost-0", "lost", "10.200.8.2")
+                },
+            ],
             meshed_namespaces: vec!["shop".into()],
+            tenants: vec![],
+            services: vec![],
+            policies: vec![],
         };
         Snapshot::new(view, 1)
     }
@@ -277,11 +400,12 @@ mod tests {
             ),
         ];
         for (peer, orig, want) in cases {
-            let got = decide(&s, sa(peer), orig.map(sa), &listeners);
+            let got = decide(&s, sa(peer), orig.map(sa), &listeners, true);
             let want = match want {
                 Ok((tenant, dst)) => Decision::Relay {
                     pod: s.pod_by_ip(sa(peer).ip()).cloned().unwrap(),
                     dst: sa(dst),
+                    peer: None,
                 }
                 .tap(|d| {
                     if let Decision::Relay { pod, .. } = d {
@@ -292,6 +416,67 @@ mod tests {
             };
             assert_eq!(got, want, "peer {peer} orig {orig:?}");
         }
+    }
+
+    #[test]
+    fn mesh_routing_table() {
+        let s = snap();
+        let listeners = [sa("0.0.0.0:15001")];
+        let id = |sa_: &str| Identity::new("cluster.local", "shop", sa_).unwrap();
+        let web = s.pod_by_ip(sa("10.200.1.2:1").ip()).cloned().unwrap();
+        let decide = |dst: &str, tunnel: bool| {
+            decide(
+                &s,
+                sa("10.200.1.2:40000"),
+                Some(sa(dst)),
+                &listeners,
+                tunnel,
+            )
+        };
+        // same-node meshed: direct, but the destination identity is known
+        assert_eq!(
+            decide("[fdfe:200:2::2]:5432", true),
+            Decision::Relay {
+                pod: web.clone(),
+                dst: sa("[fdfe:200:2::2]:5432"),
+                peer: Some(id("db")),
+            }
+        );
+        // remote meshed: through the tunnel to its node's 15008
+        assert_eq!(
+            decide("10.200.9.2:8080", true),
+            Decision::Tunnel {
+                pod: web.clone(),
+                dst: sa("10.200.9.2:8080"),
+                peer: crate::tunnel::client::RemotePeer {
+                    identity: id("api"),
+                    node: sa("192.168.0.2:15008"),
+                },
+            }
+        );
+        // remote meshed with no known node address: refused, never sent in the clear
+        assert_eq!(
+            decide("10.200.8.2:8080", true),
+            Decision::Refuse(Refusal::NoTunnelPeer)
+        );
+        // without a tunnel, remote pods are plain destinations
+        assert_eq!(
+            decide("10.200.9.2:8080", false),
+            Decision::Relay {
+                pod: web.clone(),
+                dst: sa("10.200.9.2:8080"),
+                peer: None,
+            }
+        );
+        // non-mesh: plain passthrough
+        assert_eq!(
+            decide("1.1.1.1:443", true),
+            Decision::Relay {
+                pod: web,
+                dst: sa("1.1.1.1:443"),
+                peer: None,
+            }
+        );
     }
 
     trait Tap: Sized {

@@ -19,9 +19,11 @@ use crate::state::LocalPod;
 /// How long an upstream connect may take before the downstream is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Copy buffer per direction. Large buffers cut syscalls for bulk streams; issue #3 charges
-/// them to the tenant.
+/// Copy buffer per direction. Large buffers cut syscalls for bulk streams.
 const BUF_SIZE: usize = 64 * 1024;
+
+/// Buffer bytes one relayed connection holds, charged to its tenant at admission.
+pub const BUFFER_BYTES: u64 = 2 * BUF_SIZE as u64;
 
 /// Who ended a connection, for the `error` label of the close metric (a closed set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +51,20 @@ impl Outcome {
 }
 
 /// Relays one captured connection of `pod`'s tenant to `dst`. Runs inside the tenant's pool.
-pub async fn outbound(down: std::net::TcpStream, peer: SocketAddr, pod: LocalPod, dst: SocketAddr) {
-    let mut m = ConnMetrics::open(&pod.tenant.to_string(), Direction::Outbound);
+/// `peer_id` is the destination's identity when it is a meshed pod on this node.
+pub async fn outbound(
+    down: std::net::TcpStream,
+    peer: SocketAddr,
+    pod: LocalPod,
+    dst: SocketAddr,
+    peer_id: Option<certs::Identity>,
+) {
+    let peer_label = peer_id.map_or_else(
+        || crate::metrics::PEER_UNKNOWN.to_owned(),
+        |p| p.to_string(),
+    );
+    let mut m =
+        ConnMetrics::open_with_peer(&pod.tenant.to_string(), Direction::Outbound, &peer_label);
     let outcome = relay(down, dst, &m).await;
     tracing::debug!(
         tenant = %pod.tenant, pod = %format_args!("{}/{}", pod.namespace, pod.name),

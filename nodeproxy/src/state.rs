@@ -6,7 +6,7 @@
 //!
 //! Must not touch: sockets, the kernel, the pools.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -25,6 +25,15 @@ pub struct LocalPod {
     pub namespace: String,
 }
 
+/// A meshed pod on another node, as the data path sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemotePod {
+    /// The pod's identity.
+    pub identity: Identity,
+    /// Its node's address (where the node's tunnel listens), if the view knows it.
+    pub node_ip: Option<IpAddr>,
+}
+
 /// An immutable picture of the node, swapped in whole on every view change.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -33,6 +42,7 @@ pub struct Snapshot {
     /// Monotonic version, bumped on every swap.
     pub version: u64,
     by_ip: HashMap<IpAddr, LocalPod>,
+    remote_by_ip: HashMap<IpAddr, RemotePod>,
 }
 
 impl Snapshot {
@@ -54,11 +64,32 @@ impl Snapshot {
                 })
             })
             .collect();
+        let remote_by_ip = view
+            .remote
+            .iter()
+            .flat_map(|w| {
+                w.ips.iter().map(move |ip| {
+                    (
+                        *ip,
+                        RemotePod {
+                            identity: w.identity.clone(),
+                            node_ip: w.host_ip,
+                        },
+                    )
+                })
+            })
+            .collect();
         Self {
             view,
             version,
             by_ip,
+            remote_by_ip,
         }
+    }
+
+    /// The meshed pod on another node that owns `ip`, if any.
+    pub fn remote_by_ip(&self, ip: IpAddr) -> Option<&RemotePod> {
+        self.remote_by_ip.get(&ip.to_canonical())
     }
 
     /// The local meshed pod that owns `ip`, if any. IPv4-mapped IPv6 addresses (from a
@@ -70,6 +101,28 @@ impl Snapshot {
     /// The tenants with at least one local pod.
     pub fn tenants(&self) -> BTreeSet<Identity> {
         self.by_ip.values().map(|p| p.tenant.clone()).collect()
+    }
+
+    /// Every local tenant's weight and limits (defaults for tenants no policy names).
+    pub fn tenant_configs(&self) -> BTreeMap<Identity, tenancy::TenantConfig> {
+        let mut configs: BTreeMap<Identity, tenancy::TenantConfig> = self
+            .tenants()
+            .into_iter()
+            .map(|t| (t, tenancy::TenantConfig::default()))
+            .collect();
+        for t in &self.view.tenants {
+            if let Some(c) = configs.get_mut(&t.identity) {
+                *c = tenancy::TenantConfig {
+                    weight: t.weight,
+                    limits: tenancy::Limits {
+                        max_connections: t.limits.max_connections,
+                        max_connections_per_second: t.limits.max_connections_per_second,
+                        max_buffer_bytes: t.limits.max_buffer_bytes,
+                    },
+                };
+            }
+        }
+        configs
     }
 
     /// Every local meshed pod IP (what the redirect set must hold).

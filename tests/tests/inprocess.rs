@@ -53,18 +53,27 @@ fn echo_server() -> SocketAddr {
 }
 
 fn config(view_file: &std::path::Path) -> Config {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    Config::from_args(RunArgs {
-        config: Some(view_file.to_owned()),
-        node: Some("n1".into()),
-        trust_domain: "cluster.local".into(),
-        outbound_addr: vec![any],
-        admin_addr: any,
-        metrics_addr: any,
-        no_redirect: true,
-        nft_table: "nodeproxy".into(),
-        nft: "nft".into(),
-    })
+    let any = "127.0.0.1:0";
+    Config::from_args(
+        RunArgs::from_flags([
+            "--config",
+            view_file.to_str().unwrap(),
+            "--node",
+            "n1",
+            "--outbound-addr",
+            any,
+            "--admin-addr",
+            any,
+            "--metrics-addr",
+            any,
+            "--tunnel-addr",
+            any,
+            "--no-redirect",
+            "--cpu-control",
+            "none",
+        ])
+        .unwrap(),
+    )
     .unwrap()
 }
 
@@ -193,7 +202,8 @@ fn relays_per_tenant_and_refuses_unknown_sources() {
     assert_eq!(by_id(web)["connections_total"], 3);
     assert_eq!(by_id(db)["connections_total"], 1);
     assert_eq!(by_id(web)["pods"][0]["pod"], "shop/web-0");
-    assert_ne!(by_id(web)["thread_id"], by_id(db)["thread_id"]);
+    assert_ne!(by_id(web)["thread_ids"], by_id(db)["thread_ids"]);
+    assert_eq!(by_id(web)["isolation"], "per-tenant");
 
     // /config_dump: the resolved config and the view.
     let (code, body) = admin_client::get(admin, "/config_dump").unwrap();

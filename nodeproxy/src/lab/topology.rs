@@ -420,7 +420,7 @@ fn enter(file: &File) -> io::Result<()> {
 
 /// Writes a per-namespace sysctl from a thread inside `ns`, after checking that the thread really
 /// is inside `ns`, so the host's value can never be the one changed.
-fn write_sysctl(ns: &Netns, path: &str, value: &str) -> Result<()> {
+pub(super) fn write_sysctl(ns: &Netns, path: &str, value: &str) -> Result<()> {
     let io_err = |source: io::Error| TopologyError::Io {
         context: format!("set {path} = {value} in network namespace {}", ns.name),
         source,
@@ -507,7 +507,7 @@ pub fn check_privileges() -> Result<()> {
 }
 
 /// Runs `ip <args>`, turning failure into an error that names the command and its stderr.
-fn ip(args: &[&str]) -> Result<String> {
+pub(super) fn ip(args: &[&str]) -> Result<String> {
     let cmd_line = || format!("ip {}", args.join(" "));
     let output = Command::new("ip")
         .args(args)
@@ -572,7 +572,7 @@ fn remove_stale(prefix: &str) -> Result<()> {
 
 /// Kills every process inside namespace `name` (they were started there by us or by a crashed
 /// run of ours, and would keep the namespace alive), then deletes its name.
-fn delete_netns(name: &str) -> Result<()> {
+pub(super) fn delete_netns(name: &str) -> Result<()> {
     if !Path::new(NETNS_DIR).join(name).exists() {
         return Ok(());
     }

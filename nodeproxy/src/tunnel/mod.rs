@@ -1,0 +1,255 @@
+//! The mesh tunnel (port 15008): mTLS between nodes, one HTTP/2 CONNECT stream per proxied
+//! connection, HBONE-style (`:authority` = the destination pod's address).
+//!
+//! Owns the per-tenant TLS state ([`TenantTls`]: the tenant's [`CertStore`] and its client
+//! connection pool), the standalone [`LocalCaSigner`] (an embedded CA behind node
+//! authorization), and the two halves: [`client`] (outbound: a pooled connection from *this
+//! tenant's* identity to the peer node) and [`server`] (inbound: terminate mTLS with the
+//! destination tenant's certificate, verify the client identity, connect to the local pod).
+//!
+//! **Where keys live.** A tenant's `CertStore` is created on the tenant's own pool thread, on
+//! first use, and kept in a thread-local of that thread. No map of stores exists that other
+//! pools' code could reach: a job running for tenant A on A's thread cannot name B's store.
+//! The store itself never exposes key bytes (see `certs`).
+//!
+//! **Server name.** The client sends `certs::sni::encode(destination identity)` (base32 of the
+//! SPIFFE ID + `.id.nodeproxy`); the server's accept loop peeks at the ClientHello to pick the
+//! destination tenant's pool, and the client's verifier checks the server's URI SAN against it.
+//!
+//! Must not touch: the snapshot beyond reading it, other tenants' state, the kernel's rules.
+
+pub mod client;
+pub mod server;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use certs::store::BoxFuture;
+use certs::{Ca, CertStore, Identity, RotationOptions, Signed, Signer};
+
+use crate::metrics;
+use crate::state::Snapshot;
+
+/// The port every node's tunnel listens on (peers are dialled there).
+pub const TUNNEL_PORT: u16 = 15008;
+/// How long a handshake (TLS + HTTP/2) may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection waits for the tenant's first certificate.
+pub const CERT_WAIT: Duration = Duration::from_secs(10);
+/// Streams per pooled tunnel connection; past it, a new connection is opened.
+pub const MAX_STREAMS_PER_CONN: usize = 100;
+
+/// What the tunnel's halves need from the daemon; cheap to clone, `Send`.
+#[derive(Clone)]
+pub struct Mesh {
+    /// Signs the tenants' CSRs.
+    pub signer: Arc<dyn Signer>,
+    /// Rotation timing of the stores.
+    pub rotation: RotationOptions,
+    /// The current node snapshot.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("rotation", &self.rotation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One tenant's TLS state on its pool thread: its store and its client connections.
+#[derive(Debug)]
+pub struct TenantTls {
+    /// The tenant's certificate store.
+    pub store: CertStore,
+    /// Pooled tunnel connections from this tenant.
+    pub conns: RefCell<client::ConnPool>,
+}
+
+thread_local! {
+    /// The TLS state of the tenant(s) whose pool runs on this thread. With isolation on this
+    /// holds one tenant; with isolation off (one shared thread) one entry per tenant.
+    static TENANTS: RefCell<HashMap<Identity, Rc<TenantTls>>> = RefCell::new(HashMap::new());
+}
+
+/// The TLS state of `tenant` on this (its pool's) thread, created on first use (the tenant's
+/// first tunnelled connection, either way): the store is spawned here and fetches its first
+/// certificate at once. Not warmed up earlier, so that a tenant that never uses the tunnel
+/// never holds a key.
+pub fn tenant_tls(tenant: &Identity, mesh: &Mesh) -> Rc<TenantTls> {
+    TENANTS.with(|t| {
+        t.borrow_mut()
+            .entry(tenant.clone())
+            .or_insert_with(|| {
+                let store = CertStore::spawn(tenant.clone(), mesh.signer.clone(), mesh.rotation);
+                watch_expiry(tenant, &store);
+                Rc::new(TenantTls {
+                    store,
+                    conns: RefCell::new(client::ConnPool::default()),
+                })
+            })
+            .clone()
+    })
+}
+
+/// Publishes the expiry of the tenant's current certificate as a metric.
+fn watch_expiry(tenant: &Identity, store: &CertStore) {
+    let mut rx = store.subscribe();
+    let gauge =
+        ::metrics::gauge!(metrics::CERT_EXPIRY_TIMESTAMP_SECONDS, "tenant" => tenant.to_string());
+    tokio::task::spawn_local(async move {
+        loop {
+            let not_after = rx.borrow_and_update().as_ref().map(|c| c.not_after());
+            if let Some(t) = not_after {
+                let secs = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                gauge.set(secs);
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// The current TLS material of a tenant, waiting (bounded) for its first certificate.
+pub async fn current(tls: &TenantTls) -> Result<Arc<certs::Current>, TunnelError> {
+    if let Some(c) = tls.store.current() {
+        return Ok(c);
+    }
+    match tokio::time::timeout(CERT_WAIT, tls.store.ready()).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(TunnelError::NoCertificate(e.to_string())),
+        Err(_) => Err(TunnelError::NoCertificate(format!(
+            "no certificate for {} after {CERT_WAIT:?}; is the CA reachable and the pod on this node?",
+            tls.store.identity()
+        ))),
+    }
+}
+
+/// Errors of the tunnel, with who is to blame (a closed set labels metrics).
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The tenant has no certificate yet (blame: internal / control plane; retry may help).
+    #[error("no certificate: {0}")]
+    NoCertificate(String),
+    /// The peer node could not be reached (blame: upstream; retry may help).
+    #[error("cannot reach tunnel peer {peer}: {source}")]
+    Connect {
+        /// The peer node's tunnel address.
+        peer: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (blame: peer or us; retry unlikely to help).
+    #[error("TLS handshake with {peer} failed: {reason}")]
+    Handshake {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// HTTP/2 failed or the peer refused the CONNECT (blame: upstream).
+    #[error("tunnel to {peer} for {target}: {reason}")]
+    Connect2 {
+        /// The peer node.
+        peer: SocketAddr,
+        /// The destination pod.
+        target: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The destination identity cannot be named in SNI.
+    #[error(transparent)]
+    Name(#[from] certs::Error),
+}
+
+impl TunnelError {
+    /// The metric label (closed set).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TunnelError::NoCertificate(_) => "no_certificate",
+            TunnelError::Connect { .. } => "upstream_connect",
+            TunnelError::Handshake { .. } => "tls_handshake",
+            TunnelError::Connect2 { .. } => "tunnel_refused",
+            TunnelError::Name(_) => "internal",
+        }
+    }
+}
+
+/// Standalone mode's signer: an embedded CA that signs only identities with a pod on this
+/// node (node authorization, as the control plane's `Identity.Certify` does).
+pub struct LocalCaSigner {
+    ca: Ca,
+    node: String,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl std::fmt::Debug for LocalCaSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCaSigner")
+            .field("ca", &self.ca)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalCaSigner {
+    /// A signer for `node` using `ca`, authorizing against the current snapshot.
+    pub fn new(ca: Ca, node: String, snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+        Self { ca, node, snapshot }
+    }
+}
+
+impl Signer for LocalCaSigner {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a Identity,
+        csr: Vec<u8>,
+    ) -> BoxFuture<'a, certs::Result<Signed>> {
+        Box::pin(async move {
+            if !self.snapshot.load().tenants().contains(identity) {
+                tracing::warn!(node = %self.node, %identity, "refusing to sign: no pod of this identity on the node");
+                return Err(certs::Error::CsrRefused {
+                    identity: identity.to_string(),
+                    reason: format!("node {} has no pod with this identity", self.node),
+                });
+            }
+            self.ca.sign(identity, &csr)
+        })
+    }
+}
+
+/// Counts a TLS handshake.
+pub(crate) fn count_handshake(tenant: &Identity, direction: &'static str, result: &'static str) {
+    ::metrics::counter!(
+        metrics::TLS_HANDSHAKES_TOTAL,
+        "tenant" => tenant.to_string(),
+        "direction" => direction,
+        "result" => result,
+    )
+    .increment(1);
+}
+
+/// A hyper executor that runs tasks on the current pool thread (`spawn_local`), so HTTP/2
+/// streams of a tenant never leave its thread.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
