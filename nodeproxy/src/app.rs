@@ -142,7 +142,6 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     /// Bound mesh tunnel listener, if the tunnel is on.
     pub tunnel_addr: Option<SocketAddr>,
-    mesh: Option<crate::tunnel::Mesh>,
     state: AdminState,
     rules: Option<Rules>,
     accept: Option<RuntimeThread>,
@@ -271,7 +270,6 @@ pub fn start_with_view(
         admin_addr,
         metrics_addr,
         tunnel_addr,
-        mesh,
         state,
         rules,
         accept: Some(accept),

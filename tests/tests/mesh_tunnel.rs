@@ -1,0 +1,323 @@
+//! Privileged tier: two daemons (node A and node B, each in its own network namespace with its
+//! own pods, joined by an underlay link) and a shared standalone CA. Real nftables capture, real
+//! mTLS on port 15008, real HTTP/2 CONNECT.
+//!
+//! Skips without root locally; fails under `CI=true` when it cannot run.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use nodeproxy::admin_client::metric_sum;
+use nodeproxy::lab::twonode::{Side, TwoNodes};
+use nodeproxy_tests::{Daemon, privileged, tcp_echo_server, tcp_roundtrip, unique_prefix};
+
+const ADMIN: &str = "127.0.0.1:15000";
+const METRICS: &str = "127.0.0.1:15020";
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+
+/// Pod a1 (`shop/client`) on node-a, pod b1 (`shop/server`) on node-b.
+fn view(t: &TwoNodes) -> String {
+    let pod = |name: &str, sa: &str, node: &str, ip: IpAddr, host: IpAddr| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{serviceAccountName: {sa}, nodeName: {node}, containers: [{{name: c, image: i}}]}}\n\
+             status: {{phase: Running, hostIP: '{host}', podIP: '{ip}'}}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{nodeproxy.io/mesh: enabled}}}}\n{}{}",
+        pod(
+            "a1",
+            "client",
+            "node-a",
+            t.pod_ip(Side::A, 1).into(),
+            t.node_ip(Side::A).into()
+        ),
+        pod(
+            "b1",
+            "server",
+            "node-b",
+            t.pod_ip(Side::B, 1).into(),
+            t.node_ip(Side::B).into()
+        ),
+    )
+}
+
+struct Mesh {
+    topo: TwoNodes,
+    a: Daemon,
+    b: Daemon,
+    dir: tempfile::TempDir,
+}
+
+fn start_mesh(tag: &str, lifetime_secs: u64) -> Mesh {
+    let topo = TwoNodes::create(&unique_prefix(tag), 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(&topo)).unwrap();
+    let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    // The operator's shared CA (standalone mode): created once, loaded by both daemons.
+    certs::Ca::load_or_generate("cluster.local", &ca_cert, &ca_key).unwrap();
+    let lifetime = lifetime_secs.to_string();
+    let start = |side: Side, node: &str| {
+        let mut d = Daemon::start(
+            &topo.node(side),
+            &[
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--node",
+                node,
+                "--admin-addr",
+                ADMIN,
+                "--metrics-addr",
+                METRICS,
+                "--ca-cert",
+                ca_cert.to_str().unwrap(),
+                "--ca-key",
+                ca_key.to_str().unwrap(),
+                "--cert-lifetime-secs",
+                &lifetime,
+            ],
+        )
+        .unwrap();
+        d.wait_ready(Duration::from_secs(20)).unwrap();
+        d
+    };
+    let a = start(Side::A, "node-a");
+    let b = start(Side::B, "node-b");
+    Mesh { topo, a, b, dir }
+}
+
+fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn no_key_material(what: &str, text: &str) {
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "{what} contains key material:\n{text}"
+    );
+}
+
+#[test]
+fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
+    if !privileged("pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel") {
+        return;
+    }
+    let m = start_mesh("mt", 3600);
+    let server = tcp_echo_server(
+        &m.topo.pod(Side::B, 1),
+        SocketAddr::from(([0, 0, 0, 0], 8080)),
+    )
+    .unwrap();
+    let to_b = SocketAddr::new(m.topo.pod_ip(Side::B, 1).into(), 8080);
+    let payload: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
+    for _ in 0..3 {
+        let reply = tcp_roundtrip(&m.topo.pod(Side::A, 1), None, to_b, &payload).unwrap();
+        assert_eq!(reply.len(), payload.len());
+        assert!(reply == payload, "the echo differs from what was sent");
+    }
+    // The server saw node B's daemon (its address on b1's link), not pod a1: the bytes came
+    // out of the tunnel on node B.
+    let seen = server.wait_for(3, Duration::from_secs(5));
+    assert_eq!(seen.len(), 3);
+    assert_eq!(
+        seen[0].peer.ip().to_canonical(),
+        IpAddr::from(m.topo.gateway(Side::B, 1))
+    );
+
+    // Both daemons' metrics show both identities.
+    let ma = poll("node-a close metrics", Duration::from_secs(10), || {
+        let s = m.a.metrics().ok()?;
+        (metric_sum(
+            &s,
+            "nodeproxy_tcp_close_total",
+            &[("tenant", CLIENT), ("peer", SERVER), ("direction", "outbound"), ("error", "none")],
+        ) >= 3.0)
+            .then_some(s)
+    });
+    assert!(
+        metric_sum(
+            &ma,
+            "nodeproxy_tcp_read_bytes_total",
+            &[("tenant", CLIENT), ("peer", SERVER)]
+        ) >= 3.0 * payload.len() as f64
+    );
+    assert_eq!(
+        metric_sum(
+            &ma,
+            "nodeproxy_tls_handshakes_total",
+            &[("tenant", CLIENT), ("direction", "outbound"), ("result", "ok")]
+        ),
+        1.0,
+        "the three connections share one pooled tunnel connection"
+    );
+    assert!(metric_sum(&ma, "nodeproxy_cert_expiry_timestamp_seconds", &[("tenant", CLIENT)]) > 0.0);
+    let mb = poll("node-b close metrics", Duration::from_secs(10), || {
+        let s = m.b.metrics().ok()?;
+        (metric_sum(
+            &s,
+            "nodeproxy_tcp_close_total",
+            &[("tenant", SERVER), ("peer", CLIENT), ("direction", "inbound"), ("error", "none")],
+        ) >= 3.0)
+            .then_some(s)
+    });
+    assert_eq!(
+        metric_sum(
+            &mb,
+            "nodeproxy_tls_handshakes_total",
+            &[("tenant", SERVER), ("direction", "inbound"), ("result", "ok")]
+        ),
+        1.0
+    );
+
+    // No key in /config_dump or the logs.
+    for d in [&m.a, &m.b] {
+        let (code, dump) = d.get("/config_dump").unwrap();
+        assert_eq!(code, 200);
+        no_key_material("/config_dump", &dump);
+        no_key_material("the daemon's log", &d.logs());
+    }
+    drop(m.dir);
+}
+
+/// `openssl s_client` from node A against node B's 15008, naming the server identity.
+fn s_client(m: &Mesh, extra: &[&str]) -> String {
+    let sni = certs::sni::encode(&SERVER.parse().unwrap()).unwrap();
+    let connect = format!("{}:15008", m.topo.node_ip(Side::B));
+    let out = m
+        .topo
+        .node(Side::A)
+        .command("openssl")
+        .args(["s_client", "-connect", &connect, "-servername", &sni, "-alpn", "h2", "-ign_eof"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .output_with_input(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    out
+}
+
+trait OutputWithInput {
+    fn output_with_input(&mut self, input: &[u8]) -> String;
+}
+
+impl OutputWithInput for std::process::Command {
+    fn output_with_input(&mut self, input: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+#[test]
+fn the_tunnel_refuses_clients_without_a_certificate_or_from_another_ca() {
+    if !privileged("the_tunnel_refuses_clients_without_a_certificate_or_from_another_ca") {
+        return;
+    }
+    let m = start_mesh("mr", 3600);
+    let refused = |m: &Mesh, n: f64| {
+        poll("an inbound handshake error", Duration::from_secs(10), || {
+            let s = m.b.metrics().ok()?;
+            (metric_sum(
+                &s,
+                "nodeproxy_tls_handshakes_total",
+                &[("tenant", SERVER), ("direction", "inbound"), ("result", "error")],
+            ) >= n)
+                .then_some(())
+        })
+    };
+    // No client certificate.
+    let out = s_client(&m, &[]);
+    assert!(out.contains("alert certificate required") || out.contains("alert"), "{out}");
+    refused(&m, 1.0);
+    assert!(m.b.logs().contains("tunnel TLS handshake refused"), "{}", m.b.logs());
+
+    // A certificate (with the right SPIFFE ID) from another CA.
+    let (key, cert) = (m.dir.path().join("rogue.key"), m.dir.path().join("rogue.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .args(["-days", "1", "-subj", "/CN=rogue"])
+        .args(["-addext", &format!("subjectAltName=URI:{CLIENT}")])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let out = s_client(&m, &["-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()]);
+    assert!(out.contains("alert"), "{out}");
+    refused(&m, 2.0);
+    // The refusal names the reason, never a key.
+    let logs = m.b.logs();
+    assert!(logs.contains("invalid peer certificate"), "{logs}");
+    no_key_material("node-b's log", &logs);
+    no_key_material("node-a's log", &m.a.logs());
+}
+
+#[test]
+fn certificates_rotate_under_continuous_traffic_without_failures() {
+    if !privileged("certificates_rotate_under_continuous_traffic_without_failures") {
+        return;
+    }
+    let m = start_mesh("mo", 4);
+    let _server = tcp_echo_server(
+        &m.topo.pod(Side::B, 1),
+        SocketAddr::from(([0, 0, 0, 0], 8080)),
+    )
+    .unwrap();
+    let to_b = SocketAddr::new(m.topo.pod_ip(Side::B, 1).into(), 8080);
+    let expiry = |d: &Daemon, tenant: &str| {
+        d.metrics()
+            .map(|s| metric_sum(&s, "nodeproxy_cert_expiry_timestamp_seconds", &[("tenant", tenant)]))
+            .unwrap_or(0.0)
+    };
+    let payload = b"rotation".repeat(100);
+    let (mut ok, mut failed) = (0, Vec::new());
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < deadline {
+        match tcp_roundtrip(&m.topo.pod(Side::A, 1), None, to_b, &payload) {
+            Ok(reply) if reply == payload => ok += 1,
+            Ok(reply) => failed.push(format!("short reply: {} bytes", reply.len())),
+            Err(e) => failed.push(e.to_string()),
+        }
+        if first.is_none() {
+            first = Some((expiry(&m.a, CLIENT), expiry(&m.b, SERVER)));
+        }
+    }
+    let (a0, b0) = first.unwrap();
+    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(ok > 20, "only {ok} connections in 9 s");
+    // Both tenants renewed (4 s certificates, renewed at half life) during the traffic.
+    assert!(expiry(&m.a, CLIENT) > a0 && a0 > 0.0, "node-a did not rotate");
+    assert!(expiry(&m.b, SERVER) > b0 && b0 > 0.0, "node-b did not rotate");
+    let ma = m.a.metrics().unwrap();
+    assert!(
+        metric_sum(
+            &ma,
+            "nodeproxy_tls_handshakes_total",
+            &[("tenant", CLIENT), ("direction", "outbound"), ("result", "ok")]
+        ) >= 2.0,
+        "new certificates are used for new tunnel connections"
+    );
+    no_key_material("node-a's log", &m.a.logs());
+    no_key_material("node-b's log", &m.b.logs());
+}
+
