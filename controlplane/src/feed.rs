@@ -57,19 +57,20 @@ impl Publisher {
     }
 
     /// Translates and publishes `objects`; in lenient mode, logs what was left out.
-    pub fn publish(&mut self, objects: &Objects) -> u64 {
+    pub fn publish(&mut self, objects: &Objects) -> Arc<Published> {
         let cluster = Cluster::translate(objects, &self.trust_domain, self.mode);
         for problem in &cluster.problems {
             tracing::warn!(source = %objects.source, %problem, "skipping an invalid object");
         }
         self.version += 1;
         metrics::counter!(UPDATES_TOTAL).increment(1);
-        self.tx.send_replace(Some(Arc::new(Published {
+        let published = Arc::new(Published {
             version: self.version,
             cluster,
             at: Instant::now(),
-        })));
-        self.version
+        });
+        self.tx.send_replace(Some(published.clone()));
+        published
     }
 
     /// Another receiver of the feed.
@@ -129,7 +130,7 @@ pub async fn watch_file(input: FileInput, mut publisher: Publisher, interval: Du
         match FileSource::load(&path) {
             Ok(objects) => {
                 seen = stamp;
-                let version = publisher.publish(&objects);
+                let version = publisher.publish(&objects).version;
                 tracing::info!(path = %path.display(), version, pods = objects.pods.len(), "file source loaded");
             }
             Err(e) => {

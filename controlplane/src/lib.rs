@@ -9,7 +9,7 @@
 //! With feature `client`: [`api`] (generated gRPC types), [`convert`] (view ⇄ wire, deltas)
 //! and [`client`] (the node's Watch client). With `server`: [`server`] (Discovery, Identity,
 //! health, reflection), [`auth`] (bootstrap tokens), [`ca`] (Identity, a stub) and [`feed`]
-//! (publication and the file watcher). With `kube`: `kubernetes` (watchers, TokenReview,
+//! (publication and the file watcher). With `kube`: [`kubernetes`] (watchers, TokenReview,
 //! status conditions).
 //!
 //! Must not touch: the data path, the environment. Only this crate links `kube`, and only with
@@ -30,6 +30,8 @@ pub mod error;
 #[cfg(feature = "server")]
 pub mod feed;
 pub mod file;
+#[cfg(feature = "kube")]
+pub mod kubernetes;
 pub mod objects;
 #[cfg(feature = "server")]
 pub mod server;

@@ -1,0 +1,153 @@
+//! `nodeproxy-controlplane`: serves per-node views over gRPC on 15012 from the Kubernetes API
+//! or a file, and prints our CRDs (`nodeproxy-controlplane crds`). Wiring only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use controlplane::auth::{Authenticator, BootstrapTokens};
+use controlplane::feed::{FileInput, Publisher};
+use controlplane::kubernetes::{AUDIENCE, KubeSource, TokenReviewAuth};
+use controlplane::view::Mode;
+
+/// The nodeproxy control plane.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "NODEPROXY_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (what manifests/crds/nodeproxy.io.yaml holds).
+    Crds,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Source {
+    /// Watch the Kubernetes API (in-cluster config or KUBECONFIG).
+    Kubernetes,
+    /// Read Kubernetes-shaped YAML from --file, reloading it when it changes.
+    File,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Where the objects come from.
+    #[arg(long, env = "NODEPROXY_CP_SOURCE", value_enum, default_value_t = Source::Kubernetes)]
+    source: Source,
+    /// The YAML file of --source file.
+    #[arg(long, env = "NODEPROXY_CP_FILE", required_if_eq("source", "file"))]
+    file: Option<PathBuf>,
+    /// The gRPC listener.
+    #[arg(long, env = "NODEPROXY_CP_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], 15012)))]
+    listen: SocketAddr,
+    /// Prometheus /metrics listener.
+    #[arg(long, env = "NODEPROXY_CP_METRICS_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], 15014)))]
+    metrics_addr: SocketAddr,
+    /// Lines of `<token> [<node>]`: nodes authenticate with `authorization: Bearer <token>`.
+    /// Required with --source file; with --source kubernetes it replaces TokenReview.
+    #[arg(long, env = "NODEPROXY_CP_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// The audience nodes' projected service-account tokens must carry.
+    #[arg(long, env = "NODEPROXY_CP_AUDIENCE", default_value = AUDIENCE)]
+    audience: String,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, env = "NODEPROXY_TRUST_DOMAIN", default_value = certs::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Some(Command::Crds) => controlplane::crd::crds_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .context("cannot render the CRDs"),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    certs::Identity::new(&args.trust_domain, "x", "x")
+        .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the runtime")?;
+    rt.block_on(async move {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(args.metrics_addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {} (--metrics-addr)", args.metrics_addr))?;
+        let tokens = args
+            .bootstrap_token_file
+            .as_deref()
+            .map(BootstrapTokens::load)
+            .transpose()?;
+        let (auth, feed): (Arc<dyn Authenticator>, _) = match args.source {
+            Source::File => {
+                let path = args.file.clone().context("--file is required with --source file")?;
+                let tokens = tokens.context(
+                    "--bootstrap-token-file is required with --source file: nodes must authenticate",
+                )?;
+                let (publisher, feed) = Publisher::new(&args.trust_domain, Mode::Strict);
+                tokio::spawn(controlplane::feed::watch_file(
+                    FileInput::Path(path),
+                    publisher,
+                    Duration::from_secs(1),
+                ));
+                (Arc::new(tokens), feed)
+            }
+            Source::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("cannot configure the kubernetes client (in-cluster or KUBECONFIG)")?;
+                let (publisher, feed) = Publisher::new(&args.trust_domain, Mode::Lenient);
+                KubeSource::spawn(client.clone(), publisher);
+                let auth: Arc<dyn Authenticator> = match tokens {
+                    Some(tokens) => Arc::new(tokens),
+                    None => Arc::new(TokenReviewAuth::new(client, args.audience.clone())),
+                };
+                (auth, feed)
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        controlplane::server::serve(listener, feed, auth, shutdown).await?;
+        anyhow::Ok(())
+    })
+}
