@@ -20,5 +20,6 @@ pub mod lab;
 pub mod metrics;
 pub mod outbound;
 pub mod relay;
+pub mod splice;
 pub mod state;
 pub mod tunnel;

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::metrics::{ConnMetrics, Direction};
+use crate::splice;
 use crate::state::LocalPod;
 
 /// How long an upstream connect may take before the downstream is reset.
@@ -96,6 +97,18 @@ async fn relay(down: std::net::TcpStream, dst: SocketAddr, m: &ConnMetrics) -> O
     };
     let _ = down.set_nodelay(true);
     let _ = up.set_nodelay(true);
+    // Zero-copy in the kernel when pipes are available; a user-space copy otherwise.
+    if let Ok(pipes) = splice::Pipes::new() {
+        let moved = splice::bidirectional(&down, &up, pipes, &m.read_bytes, &m.write_bytes).await;
+        return match moved {
+            Ok(()) => Outcome::Clean,
+            Err(_) => {
+                reset(&down);
+                reset(&up);
+                Outcome::Io
+            }
+        };
+    }
     let (mut dr, mut dw) = down.split();
     let (mut ur, mut uw) = up.split();
     let up_dir = pump(&mut dr, &mut uw, &m.read_bytes);
