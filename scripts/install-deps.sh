@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system tools nodeproxy's demo, tests and benchmarks use, if they are missing:
-# nft (nftables), ip (iproute2), iperf3. Needs root (apt-get); does nothing when all are there.
+# nft (nftables), ip (iproute2), iperf3, sockperf (benchmarks). Needs root (apt-get); does nothing when all are there.
 set -euo pipefail
 need=()
 command -v nft    >/dev/null 2>&1 || need+=(nftables)
 command -v ip     >/dev/null 2>&1 || need+=(iproute2)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v sockperf >/dev/null 2>&1 || need+=(sockperf)
 command -v pgrep  >/dev/null 2>&1 || need+=(procps)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The noisy neighbour: victim tenant A's ping-pong p99 and new-connection rate through nodeproxy,
+# alone and while tenant B pushes iperf3 -P 4 through the same daemon; isolation on and off.
+# Release build; needs root. SECONDS (default 5) per measurement, ROUNDS (default 3).
+# Last line: victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… off_conn_rate_ratio=…
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build -q --release -p nodeproxy --bin nodeproxy -p nodeproxy-tests --bin bench-fairness
+target_dir=$(cargo metadata -q --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+NODEPROXY_BIN="$target_dir/release/nodeproxy" exec "$target_dir/release/bench-fairness"

@@ -1,0 +1,431 @@
+//! Benchmark (not a test): the noisy neighbour. Tenant A (the victim) measures ping-pong
+//! latency (`sockperf pp`) and sequential new-connection rate through nodeproxy, alone and while
+//! tenant B pushes bulk traffic (`iperf3 -P 4`) through the same daemon; with isolation on
+//! (`--isolation per-tenant`) and off (`--isolation shared`), in one run.
+//!
+//! Like kubelet, every pod's processes run in a CPU cgroup of their own with equal weight, and
+//! the daemon in one more (a DaemonSet pod); without that, the pods' own processes would compete
+//! as raw processes and no proxy could protect the victim.
+//!
+//! Run it with `scripts/bench-fairness.sh` (release build, root). The last line is
+//! `victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=…` (with B / alone).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nodeproxy_tests::{Daemon, Netns, Topology, TopologySpec, nodeproxy_bin, unique_prefix};
+
+/// Pods: 1 victim client (tenant A), 2 victim server, 3 bulk client (tenant B), 4 bulk server.
+const VIEW: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {nodeproxy.io/mesh: enabled}}\n\
+---\napiVersion: v1\nkind: Pod\nmetadata: {name: victim, namespace: bench}\n\
+spec: {serviceAccountName: victim, nodeName: n1, containers: [{name: c, image: i}]}\n\
+status: {phase: Running, podIP: 10.200.1.2}\n\
+---\napiVersion: v1\nkind: Pod\nmetadata: {name: bulk, namespace: bench}\n\
+spec: {serviceAccountName: bulk, nodeName: n1, containers: [{name: c, image: i}]}\n\
+status: {phase: Running, podIP: 10.200.3.2}\n";
+
+const SOCKPERF_PORT: u16 = 11111;
+const ECHO_PORT: u16 = 7000;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    // Helper roles, run as child processes inside a pod's namespace and cgroup.
+    match args.get(1).map(String::as_str) {
+        Some("echo-server") => return echo_server(args.get(2).context("port")?.parse()?),
+        Some("conn-rate") => {
+            return conn_rate(
+                args.get(2).context("addr")?.parse()?,
+                args.get(3).context("secs")?.parse()?,
+            );
+        }
+        _ => {}
+    }
+    let secs: u64 = env_or("SECONDS", 5);
+    let rounds: usize = env_or("ROUNDS", 3);
+    nodeproxy::lab::topology::check_privileges()?;
+    let cg = PodCgroups::create()?;
+    let topo = Topology::create(TopologySpec {
+        prefix: unique_prefix("bf"),
+        pods: 4,
+        ipv6: false,
+    })?;
+    let me = std::env::current_exe()?;
+    let spawn_in = |pod: usize, program: &Path, args: &[&str]| -> anyhow::Result<()> {
+        let child = cg.spawn(&format!("pod{pod}"), topo.pod(pod), program, args)?;
+        topo.track(child);
+        Ok(())
+    };
+    spawn_in(
+        2,
+        Path::new("sockperf"),
+        &[
+            "sr",
+            "--tcp",
+            "-i",
+            "0.0.0.0",
+            "-p",
+            &SOCKPERF_PORT.to_string(),
+        ],
+    )?;
+    spawn_in(2, &me, &["echo-server", &ECHO_PORT.to_string()])?;
+    spawn_in(4, Path::new("iperf3"), &["-s", "-p", "5201"])?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let dir = tempfile::tempdir()?;
+    let view = dir.path().join("view.yaml");
+    std::fs::write(&view, VIEW)?;
+    eprintln!(
+        "nodeproxy binary: {}; cgroups: {}",
+        nodeproxy_bin().display(),
+        cg.describe()
+    );
+
+    let mut results = Vec::new();
+    for mode in ["per-tenant", "shared"] {
+        let mut daemon = cg.start_daemon(&topo, &view, mode)?;
+        daemon.wait_ready(Duration::from_secs(20))?;
+        let mut alone = Vec::new();
+        let mut noisy = Vec::new();
+        for round in 1..=rounds {
+            let a = measure_victim(&topo, &cg, &me, secs)?;
+            eprintln!("[{mode}] round {round}/{rounds} alone:  {a}");
+            alone.push(a);
+            let mut bulk = cg.spawn(
+                "pod3",
+                topo.pod(3),
+                Path::new("iperf3"),
+                &[
+                    "-c",
+                    &topo.pod_ip(4).to_string(),
+                    "-P",
+                    "4",
+                    "-t",
+                    &(2 * secs + 10).to_string(),
+                ],
+            )?;
+            std::thread::sleep(Duration::from_secs(1));
+            let n = measure_victim(&topo, &cg, &me, secs);
+            let _ = bulk.kill();
+            let _ = bulk.wait();
+            let n = n?;
+            eprintln!("[{mode}] round {round}/{rounds} with B: {n}");
+            noisy.push(n);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let metrics = daemon.metrics()?;
+        let victim = "spiffe://cluster.local/ns/bench/sa/victim";
+        let bulk_t = "spiffe://cluster.local/ns/bench/sa/bulk";
+        let opened = |t: &str| {
+            nodeproxy::admin_client::metric_sum(
+                &metrics,
+                nodeproxy::metrics::TCP_OPEN_TOTAL,
+                &[("tenant", t)],
+            )
+        };
+        if opened(victim) < 1.0 || opened(bulk_t) < 1.0 {
+            bail!(
+                "[{mode}] traffic did not go through nodeproxy: victim {} bulk {}",
+                opened(victim),
+                opened(bulk_t)
+            );
+        }
+        daemon.stop()?;
+        let p99 = |v: &[Victim]| median(v.iter().map(|x| x.p99_us).collect());
+        let rate = |v: &[Victim]| median(v.iter().map(|x| x.conn_per_s).collect());
+        let r = ModeResult {
+            mode,
+            p99_alone: p99(&alone),
+            p99_noisy: p99(&noisy),
+            rate_alone: rate(&alone),
+            rate_noisy: rate(&noisy),
+        };
+        println!(
+            "{mode:>10}: victim p99 {:.0} µs alone → {:.0} µs with B (×{:.2}); conn rate {:.0}/s → {:.0}/s (×{:.2})",
+            r.p99_alone,
+            r.p99_noisy,
+            r.p99_noisy / r.p99_alone,
+            r.rate_alone,
+            r.rate_noisy,
+            r.rate_noisy / r.rate_alone
+        );
+        results.push(r);
+    }
+    let on = &results[0];
+    let off = &results[1];
+    println!(
+        "victim_p99_ratio={:.2} victim_conn_rate_ratio={:.2} off_p99_ratio={:.2} off_conn_rate_ratio={:.2}",
+        on.p99_noisy / on.p99_alone,
+        on.rate_noisy / on.rate_alone,
+        off.p99_noisy / off.p99_alone,
+        off.rate_noisy / off.rate_alone,
+    );
+    Ok(())
+}
+
+struct ModeResult {
+    mode: &'static str,
+    p99_alone: f64,
+    p99_noisy: f64,
+    rate_alone: f64,
+    rate_noisy: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Victim {
+    p99_us: f64,
+    p50_us: f64,
+    conn_per_s: f64,
+}
+
+impl std::fmt::Display for Victim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.0} µs, p99 {:.0} µs, {:.0} conn/s",
+            self.p50_us, self.p99_us, self.conn_per_s
+        )
+    }
+}
+
+/// The victim's two measurements, one after the other, from pod 1's cgroup.
+fn measure_victim(
+    topo: &Topology,
+    cg: &PodCgroups,
+    me: &Path,
+    secs: u64,
+) -> anyhow::Result<Victim> {
+    let server = topo.pod_ip(2).to_string();
+    let out = cg
+        .command(
+            "pod1",
+            topo.pod(1),
+            Path::new("sockperf"),
+            &[
+                "pp",
+                "--tcp",
+                "-i",
+                &server,
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-m",
+                "64",
+                "--full-rtt",
+            ],
+        )
+        .output()
+        .context("run sockperf pp (install sockperf)")?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+            .with_context(|| format!("no percentile {p} in sockperf output:\n{text}"))
+    };
+    let (p99_us, p50_us) = (pct("99.000")?, pct("50.000")?);
+    let addr = SocketAddr::from((topo.pod_ip(2), ECHO_PORT)).to_string();
+    let out = cg
+        .command(
+            "pod1",
+            topo.pod(1),
+            me,
+            &["conn-rate", &addr, &secs.to_string()],
+        )
+        .output()?;
+    let conn_per_s: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| {
+            format!(
+                "conn-rate printed {:?} {:?}",
+                out.stdout,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(Victim {
+        p99_us,
+        p50_us,
+        conn_per_s,
+    })
+}
+
+/// Helper role: echo one message per connection (the victim's connection-rate server).
+fn echo_server(port: u16) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.read(&mut buf) {
+            let _ = s.write_all(&buf[..n]);
+        }
+    }
+    Ok(())
+}
+
+/// Helper role: sequential connect → 1 byte → echo → close for `secs`; prints connections/s.
+fn conn_rate(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        n += 1;
+    }
+    println!("{:.1}", n as f64 / start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Per-pod CPU cgroups with equal weights, as kubelet gives every pod (cgroup v1 `cpu.shares`
+/// here; v2 `cpu.weight` where `/sys/fs/cgroup` is cgroup2 with the cpu controller).
+struct PodCgroups {
+    root: PathBuf,
+    v2: bool,
+}
+
+impl PodCgroups {
+    fn create() -> anyhow::Result<Self> {
+        let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"));
+        let base = if v2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/cpu"
+        };
+        let root = Path::new(base).join(format!("npbench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+        if v2 {
+            std::fs::write(root.join("cgroup.subtree_control"), "+cpu")?;
+        }
+        let me = Self { root, v2 };
+        for g in ["pod1", "pod2", "pod3", "pod4", "daemon"] {
+            let dir = me.root.join(g);
+            std::fs::create_dir_all(&dir)?;
+            let (file, value) = if v2 {
+                ("cpu.weight", "100")
+            } else {
+                ("cpu.shares", "1024")
+            };
+            std::fs::write(dir.join(file), value)?;
+        }
+        Ok(me)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({})",
+            self.root.display(),
+            if self.v2 { "v2" } else { "v1" }
+        )
+    }
+
+    /// A command that runs `program` in `ns`, first moving itself into cgroup `group`.
+    fn command(&self, group: &str, ns: &Netns, program: &Path, args: &[&str]) -> Command {
+        let procs = self.root.join(group).join("cgroup.procs");
+        let mut cmd = ns.command("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec \"$0\" \"$@\"",
+                procs.display()
+            ))
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    fn spawn(
+        &self,
+        group: &str,
+        ns: &Netns,
+        program: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Child> {
+        self.command(group, ns, program, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {} in {group}", program.display()))
+    }
+
+    fn start_daemon(
+        &self,
+        topo: &Topology,
+        view: &Path,
+        isolation: &str,
+    ) -> anyhow::Result<Daemon> {
+        let procs = self.root.join("daemon").join("cgroup.procs");
+        let bin = nodeproxy_bin();
+        let script = format!("echo $$ > {} && exec \"$0\" \"$@\"", procs.display());
+        let view = view.to_str().context("utf-8 path")?;
+        Daemon::start_program(
+            topo.node(),
+            "sh",
+            &[
+                "-c",
+                &script,
+                bin.to_str().context("utf-8 path")?,
+                "run",
+                "--config",
+                view,
+                "--node",
+                "n1",
+                "--log",
+                "warn",
+                "--isolation",
+                isolation,
+            ],
+        )
+    }
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        // Processes were killed with the topology; empty groups can go, children first.
+        for g in ["pod1", "pod2", "pod3", "pod4", "daemon"] {
+            let dir = self.root.join(g);
+            for _ in 0..50 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                // The daemon's tenant groups live below its group until it exits.
+                if let Ok(entries) = std::fs::read_dir(&dir) {
+                    for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                        remove_tree(&e.path());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten().filter(|e| e.path().is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
