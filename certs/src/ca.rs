@@ -179,6 +179,20 @@ impl Ca {
 
     /// Signs `csr` (DER) for `identity`, after checking it names exactly that identity.
     pub fn sign(&self, identity: &Identity, csr: &[u8]) -> Result<Signed> {
+        self.sign_for(identity, csr, None)
+    }
+
+    /// Like [`Ca::sign`], with a lifetime the caller asks for; the CA's own lifetime is the
+    /// upper bound (a request may shorten it, never lengthen it).
+    pub fn sign_for(
+        &self,
+        identity: &Identity,
+        csr: &[u8],
+        requested: Option<Duration>,
+    ) -> Result<Signed> {
+        let lifetime = requested
+            .filter(|d| !d.is_zero())
+            .map_or(self.lifetime, |d| d.min(self.lifetime));
         let refuse = |reason: String| Error::CsrRefused {
             identity: identity.to_string(),
             reason,
@@ -225,8 +239,8 @@ impl Ca {
         ];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - MAX_BACKDATE.min(self.lifetime / 4);
-        params.not_after = now + self.lifetime;
+        params.not_before = now - MAX_BACKDATE.min(lifetime / 4);
+        params.not_after = now + lifetime;
         params.serial_number = Some(random_serial()?);
         let cert = CertificateSigningRequestParams {
             params,
@@ -239,6 +253,29 @@ impl Ca {
             trust_bundle: vec![self.root.clone()],
         })
     }
+}
+
+/// The DER of a PEM `CERTIFICATE REQUEST` (as the `Identity.Certify` API carries it).
+pub fn csr_from_pem(pem: &str) -> Result<Vec<u8>> {
+    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+        .map(|der| der.as_ref().to_vec())
+        .map_err(|e| Error::Ca(format!("the CSR is not a PEM CERTIFICATE REQUEST ({e})")))
+}
+
+/// A DER `CERTIFICATE REQUEST` as PEM.
+pub fn csr_to_pem(der: &[u8]) -> String {
+    String::from_utf8_lossy(&pem_encode("CERTIFICATE REQUEST", der)).into_owned()
+}
+
+/// A certificate as PEM.
+pub fn cert_to_pem(cert: &CertificateDer<'_>) -> String {
+    String::from_utf8_lossy(&pem_encode("CERTIFICATE", cert)).into_owned()
+}
+
+/// A PEM `CERTIFICATE` as DER.
+pub fn cert_from_pem(pem: &str) -> Result<CertificateDer<'static>> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| Error::BadSigned(format!("a certificate is not PEM ({e})")))
 }
 
 fn random_serial() -> Result<SerialNumber> {
@@ -333,6 +370,27 @@ mod tests {
 
         let err = ca.sign(&web, b"not a csr").unwrap_err();
         assert!(err.to_string().contains("unreadable"), "{err}");
+
+        // A request may shorten the lifetime, never lengthen it; PEM round-trips.
+        let csr = csr_from_pem(&csr_to_pem(&csr_for(&web.to_string()))).unwrap();
+        let short = ca
+            .sign_for(&web, &csr, Some(Duration::from_secs(60)))
+            .unwrap();
+        let long = ca
+            .sign_for(
+                &web,
+                &csr,
+                Some(Duration::from_secs(10 * DEFAULT_LIFETIME.as_secs())),
+            )
+            .unwrap();
+        let life = |s: &Signed| {
+            let (_, c) = x509_parser::parse_x509_certificate(&s.chain[0]).unwrap();
+            c.validity().not_after.timestamp() - c.validity().not_before.timestamp()
+        };
+        assert!(life(&short) <= 60 + 60, "{}", life(&short));
+        assert!(life(&long) <= DEFAULT_LIFETIME.as_secs() as i64 + 60);
+        let pem = cert_to_pem(&short.chain[0]);
+        assert_eq!(cert_from_pem(&pem).unwrap(), short.chain[0]);
     }
 
     #[test]

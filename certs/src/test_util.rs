@@ -79,3 +79,16 @@ pub fn identity(namespace: &str, service_account: &str) -> Identity {
     Identity::new(crate::DEFAULT_TRUST_DOMAIN, namespace, service_account)
         .unwrap_or_else(|e| panic!("test identity: {e}"))
 }
+
+/// A PEM CSR for the URI SAN `san`, from a throwaway key (for CA and Certify tests).
+pub fn csr_pem(san: &str) -> String {
+    let key = crate::key::EcKey::generate().unwrap_or_else(|e| panic!("test key: {e}"));
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let uri = rcgen::string::Ia5String::try_from(san).unwrap_or_else(|e| panic!("test SAN: {e}"));
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    let csr = params
+        .serialize_request(&key)
+        .unwrap_or_else(|e| panic!("test CSR: {e}"));
+    crate::ca::csr_to_pem(csr.der())
+}

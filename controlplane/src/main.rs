@@ -65,6 +65,20 @@ struct ServeArgs {
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "NODEPROXY_TRUST_DOMAIN", default_value = certs::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// CA certificate (PEM) for `Identity.Certify`; with --ca-key. Loaded if both files exist,
+    /// else generated and written there. Without them, Certify answers UNIMPLEMENTED.
+    #[arg(long, env = "NODEPROXY_CP_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// CA key (PEM, PKCS#8), see --ca-cert.
+    #[arg(long, env = "NODEPROXY_CP_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of issued workload certificates, seconds.
+    #[arg(
+        long,
+        env = "NODEPROXY_CP_CERT_LIFETIME_SECS",
+        default_value_t = 86_400
+    )]
+    cert_lifetime_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -147,7 +161,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        controlplane::server::serve(listener, feed, auth, shutdown).await?;
+        let ca = match (&args.ca_cert, &args.ca_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                certs::Ca::load_or_generate(&args.trust_domain, cert, key)?
+                    .with_lifetime(Duration::from_secs(args.cert_lifetime_secs)),
+            )),
+            _ => None,
+        };
+        controlplane::server::serve_with_ca(listener, feed, auth, ca, shutdown).await?;
         anyhow::Ok(())
     })
 }

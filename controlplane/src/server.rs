@@ -122,12 +122,28 @@ async fn stream_view(mut feed: Feed, node: String, tx: mpsc::Sender<Result<ViewU
 }
 
 /// Serves Discovery, Identity, health and reflection on `listener` until `shutdown` resolves.
+/// Identity answers `UNIMPLEMENTED` (no CA); see [`serve_with_ca`].
 pub async fn serve(
     listener: TcpListener,
     feed: Feed,
     auth: Arc<dyn Authenticator>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with_ca(listener, feed, auth, None, shutdown).await
+}
+
+/// Like [`serve`]; with `ca`, `Identity.Certify` signs for identities of the caller's pods.
+pub async fn serve_with_ca(
+    listener: TcpListener,
+    feed: Feed,
+    auth: Arc<dyn Authenticator>,
+    ca: Option<Arc<certs::Ca>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let identity = match ca {
+        Some(ca) => IdentityService::with_ca(auth.clone(), feed.clone(), ca),
+        None => IdentityService::new(auth.clone()),
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<DiscoveryServer<DiscoveryService>>()
@@ -149,7 +165,7 @@ pub async fn serve(
             feed,
             auth.clone(),
         )))
-        .add_service(IdentityServer::new(IdentityService::new(auth)))
+        .add_service(IdentityServer::new(identity))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| Error::Io {
