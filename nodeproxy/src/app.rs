@@ -402,12 +402,27 @@ async fn supervise(pools: Arc<Pools<Identity>>) {
     }
 }
 
-/// The mesh context: in standalone mode an embedded CA (from the operator's files, or generated
-/// in memory) behind node authorization signs the tenants' certificates.
+/// The mesh context. With a remote control plane, its `Identity.Certify` signs the tenants'
+/// certificates; in standalone mode an embedded CA (from the operator's files, or generated in
+/// memory) behind node authorization does.
 fn mesh_context(
     t: &crate::config::TunnelConfig,
     state: &AdminState,
 ) -> anyhow::Result<crate::tunnel::Mesh> {
+    let lifetime = std::time::Duration::from_secs(t.cert_lifetime_secs);
+    if let Some(cp) = &state.config.control_plane {
+        // The remote control plane's CA signs, after authorizing this node.
+        let signer = crate::tunnel::signer::GrpcSigner::new(
+            cp.endpoint.clone(),
+            cp.token_file.clone(),
+            lifetime,
+        );
+        return Ok(crate::tunnel::Mesh {
+            signer: Arc::new(signer),
+            rotation: certs::RotationOptions::default(),
+            snapshot: state.snapshot.clone(),
+        });
+    }
     let td = &state.config.trust_domain;
     let ca = match &t.ca_files {
         Some((cert, key)) => certs::Ca::load_or_generate(td, cert, key)
@@ -420,7 +435,7 @@ fn mesh_context(
             certs::Ca::generate(td)?
         }
     }
-    .with_lifetime(std::time::Duration::from_secs(t.cert_lifetime_secs));
+    .with_lifetime(lifetime);
     let signer =
         crate::tunnel::LocalCaSigner::new(ca, state.config.node.clone(), state.snapshot.clone());
     Ok(crate::tunnel::Mesh {

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nodeproxy::admin_client::metric_sum;
@@ -142,7 +143,12 @@ fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
         (metric_sum(
             &s,
             "nodeproxy_tcp_close_total",
-            &[("tenant", CLIENT), ("peer", SERVER), ("direction", "outbound"), ("error", "none")],
+            &[
+                ("tenant", CLIENT),
+                ("peer", SERVER),
+                ("direction", "outbound"),
+                ("error", "none"),
+            ],
         ) >= 3.0)
             .then_some(s)
     });
@@ -157,18 +163,33 @@ fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
         metric_sum(
             &ma,
             "nodeproxy_tls_handshakes_total",
-            &[("tenant", CLIENT), ("direction", "outbound"), ("result", "ok")]
+            &[
+                ("tenant", CLIENT),
+                ("direction", "outbound"),
+                ("result", "ok")
+            ]
         ),
         1.0,
         "the three connections share one pooled tunnel connection"
     );
-    assert!(metric_sum(&ma, "nodeproxy_cert_expiry_timestamp_seconds", &[("tenant", CLIENT)]) > 0.0);
+    assert!(
+        metric_sum(
+            &ma,
+            "nodeproxy_cert_expiry_timestamp_seconds",
+            &[("tenant", CLIENT)]
+        ) > 0.0
+    );
     let mb = poll("node-b close metrics", Duration::from_secs(10), || {
         let s = m.b.metrics().ok()?;
         (metric_sum(
             &s,
             "nodeproxy_tcp_close_total",
-            &[("tenant", SERVER), ("peer", CLIENT), ("direction", "inbound"), ("error", "none")],
+            &[
+                ("tenant", SERVER),
+                ("peer", CLIENT),
+                ("direction", "inbound"),
+                ("error", "none"),
+            ],
         ) >= 3.0)
             .then_some(s)
     });
@@ -176,7 +197,11 @@ fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
         metric_sum(
             &mb,
             "nodeproxy_tls_handshakes_total",
-            &[("tenant", SERVER), ("direction", "inbound"), ("result", "ok")]
+            &[
+                ("tenant", SERVER),
+                ("direction", "inbound"),
+                ("result", "ok")
+            ]
         ),
         1.0
     );
@@ -199,7 +224,16 @@ fn s_client(m: &Mesh, extra: &[&str]) -> String {
         .topo
         .node(Side::A)
         .command("openssl")
-        .args(["s_client", "-connect", &connect, "-servername", &sni, "-alpn", "h2", "-ign_eof"])
+        .args([
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            &sni,
+            "-alpn",
+            "h2",
+            "-ign_eof",
+        ])
         .args(extra)
         .stdin(std::process::Stdio::piped())
         .output_with_input(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
@@ -235,33 +269,72 @@ fn the_tunnel_refuses_clients_without_a_certificate_or_from_another_ca() {
     }
     let m = start_mesh("mr", 3600);
     let refused = |m: &Mesh, n: f64| {
-        poll("an inbound handshake error", Duration::from_secs(10), || {
-            let s = m.b.metrics().ok()?;
-            (metric_sum(
-                &s,
-                "nodeproxy_tls_handshakes_total",
-                &[("tenant", SERVER), ("direction", "inbound"), ("result", "error")],
-            ) >= n)
-                .then_some(())
-        })
+        poll(
+            "an inbound handshake error",
+            Duration::from_secs(10),
+            || {
+                let s = m.b.metrics().ok()?;
+                (metric_sum(
+                    &s,
+                    "nodeproxy_tls_handshakes_total",
+                    &[
+                        ("tenant", SERVER),
+                        ("direction", "inbound"),
+                        ("result", "error"),
+                    ],
+                ) >= n)
+                    .then_some(())
+            },
+        )
     };
     // No client certificate.
     let out = s_client(&m, &[]);
-    assert!(out.contains("alert certificate required") || out.contains("alert"), "{out}");
+    assert!(
+        out.contains("alert certificate required") || out.contains("alert"),
+        "{out}"
+    );
     refused(&m, 1.0);
-    assert!(m.b.logs().contains("tunnel TLS handshake refused"), "{}", m.b.logs());
+    assert!(
+        m.b.logs().contains("tunnel TLS handshake refused"),
+        "{}",
+        m.b.logs()
+    );
 
     // A certificate (with the right SPIFFE ID) from another CA.
-    let (key, cert) = (m.dir.path().join("rogue.key"), m.dir.path().join("rogue.pem"));
+    let (key, cert) = (
+        m.dir.path().join("rogue.key"),
+        m.dir.path().join("rogue.pem"),
+    );
     let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args([
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ])
         .args(["-days", "1", "-subj", "/CN=rogue"])
         .args(["-addext", &format!("subjectAltName=URI:{CLIENT}")])
         .output()
         .unwrap();
     assert!(status.status.success(), "{status:?}");
-    let out = s_client(&m, &["-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()]);
+    let out = s_client(
+        &m,
+        &[
+            "-cert",
+            cert.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+        ],
+    );
     assert!(out.contains("alert"), "{out}");
     refused(&m, 2.0);
     // The refusal names the reason, never a key.
@@ -285,7 +358,13 @@ fn certificates_rotate_under_continuous_traffic_without_failures() {
     let to_b = SocketAddr::new(m.topo.pod_ip(Side::B, 1).into(), 8080);
     let expiry = |d: &Daemon, tenant: &str| {
         d.metrics()
-            .map(|s| metric_sum(&s, "nodeproxy_cert_expiry_timestamp_seconds", &[("tenant", tenant)]))
+            .map(|s| {
+                metric_sum(
+                    &s,
+                    "nodeproxy_cert_expiry_timestamp_seconds",
+                    &[("tenant", tenant)],
+                )
+            })
             .unwrap_or(0.0)
     };
     let payload = b"rotation".repeat(100);
@@ -303,17 +382,32 @@ fn certificates_rotate_under_continuous_traffic_without_failures() {
         }
     }
     let (a0, b0) = first.unwrap();
-    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     assert!(ok > 20, "only {ok} connections in 9 s");
     // Both tenants renewed (4 s certificates, renewed at half life) during the traffic.
-    assert!(expiry(&m.a, CLIENT) > a0 && a0 > 0.0, "node-a did not rotate");
-    assert!(expiry(&m.b, SERVER) > b0 && b0 > 0.0, "node-b did not rotate");
+    assert!(
+        expiry(&m.a, CLIENT) > a0 && a0 > 0.0,
+        "node-a did not rotate"
+    );
+    assert!(
+        expiry(&m.b, SERVER) > b0 && b0 > 0.0,
+        "node-b did not rotate"
+    );
     let ma = m.a.metrics().unwrap();
     assert!(
         metric_sum(
             &ma,
             "nodeproxy_tls_handshakes_total",
-            &[("tenant", CLIENT), ("direction", "outbound"), ("result", "ok")]
+            &[
+                ("tenant", CLIENT),
+                ("direction", "outbound"),
+                ("result", "ok")
+            ]
         ) >= 2.0,
         "new certificates are used for new tunnel connections"
     );
@@ -321,3 +415,159 @@ fn certificates_rotate_under_continuous_traffic_without_failures() {
     no_key_material("node-b's log", &m.b.logs());
 }
 
+/// Runs a control plane (file source, node-bound bootstrap tokens, a CA) on node A's underlay
+/// address, reachable from both nodes. Returns its endpoint; it stops with the test process.
+fn start_control_plane(t: &TwoNodes, view: &Path, tokens: &Path, ca: &Path, key: &Path) -> String {
+    let addr = SocketAddr::from((t.node_ip(Side::A), 15012));
+    let listener = t
+        .node(Side::A)
+        .run(|| std::net::TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let tokens = controlplane::auth::BootstrapTokens::load(tokens).unwrap();
+    let ca = std::sync::Arc::new(
+        certs::Ca::load_or_generate("cluster.local", ca, key)
+            .unwrap()
+            .with_lifetime(Duration::from_secs(3600)),
+    );
+    let view = view.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (publisher, feed) = controlplane::feed::Publisher::new(
+                "cluster.local",
+                controlplane::view::Mode::Strict,
+            );
+            tokio::spawn(controlplane::feed::watch_file(
+                controlplane::feed::FileInput::Path(view),
+                publisher,
+                Duration::from_secs(1),
+            ));
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            controlplane::server::serve_with_ca(
+                listener,
+                feed,
+                std::sync::Arc::new(tokens),
+                Some(ca),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        });
+    });
+    format!("http://{addr}")
+}
+
+/// Certify over real gRPC from inside node A's namespace, as `token`.
+fn certify(t: &TwoNodes, endpoint: &str, token: &str, identity: &str) -> Result<(), tonic::Status> {
+    let (endpoint, token, identity) = (endpoint.to_owned(), token.to_owned(), identity.to_owned());
+    t.node(Side::A)
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut client =
+                    controlplane::api::identity_client::IdentityClient::connect(endpoint)
+                        .await
+                        .unwrap();
+                let mut req = tonic::Request::new(controlplane::api::CertifyRequest {
+                    csr_pem: certs::test_util::csr_pem(&identity),
+                    identity,
+                    validity_seconds: 0,
+                });
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                client.certify(req).await.map(drop)
+            })
+        })
+        .unwrap()
+}
+
+#[test]
+fn tunnel_certificates_come_from_the_control_planes_node_authorizing_ca() {
+    if !privileged("tunnel_certificates_come_from_the_control_planes_node_authorizing_ca") {
+        return;
+    }
+    let topo = TwoNodes::create(&unique_prefix("mc"), 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(&topo)).unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "token-of-node-a-0123456789 node-a\ntoken-of-node-b-0123456789 node-b\n").unwrap();
+    let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    let endpoint = start_control_plane(&topo, &config, &tokens, &ca_cert, &ca_key);
+
+    // Node authorization over the wire: node-a may certify its own pod's identity only.
+    poll("the control plane", Duration::from_secs(10), || {
+        certify(&topo, &endpoint, "token-of-node-a-0123456789", CLIENT).ok()
+    });
+    let refused = certify(&topo, &endpoint, "token-of-node-a-0123456789", SERVER).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("node \"node-a\"") && refused.message().contains(SERVER));
+
+    let start = |side: Side, node: &str, token: &str| {
+        let token_file = dir.path().join(format!("{node}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        let mut d = Daemon::start(
+            &topo.node(side),
+            &[
+                "run",
+                "--control-plane",
+                &endpoint,
+                "--control-plane-token-file",
+                token_file.to_str().unwrap(),
+                "--node",
+                node,
+                "--admin-addr",
+                ADMIN,
+                "--metrics-addr",
+                METRICS,
+            ],
+        )
+        .unwrap();
+        d.wait_ready(Duration::from_secs(20)).unwrap();
+        d
+    };
+    let a = start(Side::A, "node-a", "token-of-node-a-0123456789");
+    let b = start(Side::B, "node-b", "token-of-node-b-0123456789");
+    let _server = tcp_echo_server(
+        &topo.pod(Side::B, 1),
+        SocketAddr::from(([0, 0, 0, 0], 8080)),
+    )
+    .unwrap();
+    let to_b = SocketAddr::new(topo.pod_ip(Side::B, 1).into(), 8080);
+    let reply = tcp_roundtrip(&topo.pod(Side::A, 1), None, to_b, b"via the control plane").unwrap();
+    assert_eq!(reply, b"via the control plane");
+    let mb = poll(
+        "node-b's inbound handshake",
+        Duration::from_secs(10),
+        || {
+            let s = b.metrics().ok()?;
+            (metric_sum(
+                &s,
+                "nodeproxy_tls_handshakes_total",
+                &[
+                    ("tenant", SERVER),
+                    ("direction", "inbound"),
+                    ("result", "ok"),
+                ],
+            ) >= 1.0)
+                .then_some(s)
+        },
+    );
+    assert!(
+        metric_sum(
+            &mb,
+            "nodeproxy_cert_expiry_timestamp_seconds",
+            &[("tenant", SERVER)]
+        ) > 0.0
+    );
+    no_key_material("node-a's log", &a.logs());
+    no_key_material("node-b's log", &b.logs());
+}

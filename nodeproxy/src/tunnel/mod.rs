@@ -6,6 +6,8 @@
 //! authorization), and the two halves: [`client`] (outbound: a pooled connection from *this
 //! tenant's* identity to the peer node) and [`server`] (inbound: terminate mTLS with the
 //! destination tenant's certificate, verify the client identity, connect to the local pod).
+//! With a remote control plane the stores' CSRs go to its `Identity.Certify`
+//! ([`signer::GrpcSigner`]) instead.
 //!
 //! **Where keys live.** A tenant's `CertStore` is created on the tenant's own pool thread, on
 //! first use, and kept in a thread-local of that thread. No map of stores exists that other
@@ -20,6 +22,7 @@
 
 pub mod client;
 pub mod server;
+pub mod signer;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

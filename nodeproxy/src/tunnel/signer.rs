@@ -1,0 +1,99 @@
+//! The node's `Identity.Certify` client: a [`certs::Signer`] that sends a tenant's CSR to the
+//! remote control plane (`--control-plane URL`), authenticated with the node's bearer token.
+//!
+//! Owns [`GrpcSigner`]. The control plane authorizes the node (it signs only identities of the
+//! node's own pods) and answers with the chain and trust bundle in PEM; the CSR carries only a
+//! public key, so nothing secret crosses the wire.
+//!
+//! Must not touch: private keys (the CSR is built inside `certs`), the data path.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use certs::store::BoxFuture;
+use certs::{Identity, Signed, Signer};
+use controlplane::api::CertifyRequest;
+use controlplane::api::identity_client::IdentityClient;
+
+/// Signs through the control plane's `Identity.Certify`.
+#[derive(Debug, Clone)]
+pub struct GrpcSigner {
+    endpoint: String,
+    token_file: Option<PathBuf>,
+    validity: Duration,
+}
+
+impl GrpcSigner {
+    /// A signer calling `endpoint` (`http://host:15012`) with the token read from
+    /// `token_file` on every call (so a rotated projected token is picked up), asking for
+    /// certificates valid for `validity` (the CA may shorten it).
+    pub fn new(endpoint: String, token_file: Option<PathBuf>, validity: Duration) -> Self {
+        Self {
+            endpoint,
+            token_file,
+            validity,
+        }
+    }
+
+    async fn certify(&self, identity: &Identity, csr: Vec<u8>) -> certs::Result<Signed> {
+        let fail = |what: String| certs::Error::Ca(format!("Certify at {}: {what}", self.endpoint));
+        let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| fail(format!("bad endpoint ({e}); use http://host:port")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| fail(format!("cannot connect ({e})")))?;
+        let mut request = tonic::Request::new(CertifyRequest {
+            csr_pem: certs::ca::csr_to_pem(&csr),
+            identity: identity.to_string(),
+            validity_seconds: self.validity.as_secs(),
+        });
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                fail(format!(
+                    "cannot read the token file {} ({e})",
+                    path.display()
+                ))
+            })?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                fail(format!(
+                    "the token in {} is not valid metadata text",
+                    path.display()
+                ))
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = IdentityClient::new(channel)
+            .certify(request)
+            .await
+            .map_err(|status| {
+                fail(format!(
+                    "{:?}: {} (identity {identity})",
+                    status.code(),
+                    status.message()
+                ))
+            })?
+            .into_inner();
+        let parse = |pems: &[String]| {
+            pems.iter()
+                .map(|p| certs::ca::cert_from_pem(p))
+                .collect::<certs::Result<Vec<_>>>()
+        };
+        Ok(Signed {
+            chain: parse(&response.cert_chain_pem)?,
+            trust_bundle: parse(&response.trust_bundle_pem)?,
+        })
+    }
+}
+
+impl Signer for GrpcSigner {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a Identity,
+        csr: Vec<u8>,
+    ) -> BoxFuture<'a, certs::Result<Signed>> {
+        Box::pin(self.certify(identity, csr))
+    }
+}

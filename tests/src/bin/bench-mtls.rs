@@ -1,0 +1,200 @@
+//! Benchmark (not a test): pod on node A → pod on node B, direct (routed, no daemons) vs
+//! through both daemons' mTLS tunnel (HTTP/2 CONNECT on port 15008), in one run:
+//! - iperf3 single stream throughput;
+//! - sequential new connections per second (connect, 1-byte echo, close).
+//!
+//! Prints the medians and, last, `mtls_throughput_ratio=<ours/direct> conn_rate_ratio=<ours/direct>`.
+//! Run it with `scripts/bench-mtls.sh` (release build, root). Needs iperf3, ip and nft.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nodeproxy::lab::twonode::{Side, TwoNodes};
+use nodeproxy_tests::{Daemon, nodeproxy_bin, tcp_echo_server, unique_prefix};
+
+fn view(t: &TwoNodes) -> String {
+    let pod = |name: &str, node: &str, side: Side| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench}}\n\
+             spec: {{serviceAccountName: {name}, nodeName: {node}, containers: [{{name: c, image: i}}]}}\n\
+             status: {{phase: Running, hostIP: '{}', podIP: '{}'}}\n",
+            t.node_ip(side),
+            t.pod_ip(side, 1)
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{nodeproxy.io/mesh: enabled}}}}\n{}{}",
+        pod("client", "node-a", Side::A),
+        pod("server", "node-b", Side::B)
+    )
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let rounds: usize = env_or("ROUNDS", 3);
+    let secs: u32 = env_or("SECONDS", 5);
+    nodeproxy::lab::topology::check_privileges()?;
+    let topo = TwoNodes::create(&unique_prefix("bm"), 1)?;
+    let server_ip = topo.pod_ip(Side::B, 1);
+    let iperf_server = topo
+        .pod(Side::B, 1)
+        .command("iperf3")
+        .args(["-s", "-B", &server_ip.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("start iperf3 -s (install iperf3)")?;
+    let mut iperf_server = KillOnDrop(iperf_server);
+    let echo = tcp_echo_server(&topo.pod(Side::B, 1), SocketAddr::from((server_ip, 9000)))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(&topo))?;
+    let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    certs::Ca::load_or_generate("cluster.local", &ca_cert, &ca_key)?;
+    eprintln!("nodeproxy binary: {}", nodeproxy_bin().display());
+
+    let (mut direct_bw, mut mtls_bw, mut direct_cps, mut mtls_cps) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let d = iperf(&topo, secs)?;
+        let dc = conn_rate(&topo, echo.local_addr(), secs)?;
+        eprintln!(
+            "round {round}/{rounds}: direct {:6.2} Gbit/s {dc:8.0} conn/s",
+            d / 1e9
+        );
+        direct_bw.push(d);
+        direct_cps.push(dc);
+        let start = |side: Side, node: &str| -> anyhow::Result<Daemon> {
+            let mut d = Daemon::start(
+                &topo.node(side),
+                &[
+                    "run",
+                    "--config",
+                    config.to_str().context("utf-8 path")?,
+                    "--node",
+                    node,
+                    "--ca-cert",
+                    ca_cert.to_str().context("utf-8 path")?,
+                    "--ca-key",
+                    ca_key.to_str().context("utf-8 path")?,
+                    "--log",
+                    "warn",
+                ],
+            )?;
+            d.wait_ready(Duration::from_secs(20))?;
+            Ok(d)
+        };
+        let mut a = start(Side::A, "node-a")?;
+        let mut b = start(Side::B, "node-b")?;
+        let p = iperf(&topo, secs)?;
+        let pc = conn_rate(&topo, echo.local_addr(), secs)?;
+        let handshakes = nodeproxy::admin_client::metric_sum(
+            &b.metrics()?,
+            nodeproxy::metrics::TLS_HANDSHAKES_TOTAL,
+            &[("result", "ok")],
+        );
+        a.stop()?;
+        b.stop()?;
+        if handshakes < 1.0 {
+            bail!("the mTLS run did not go through the tunnel (no handshake counted on node B)");
+        }
+        eprintln!(
+            "round {round}/{rounds}: mtls   {:6.2} Gbit/s {pc:8.0} conn/s",
+            p / 1e9
+        );
+        mtls_bw.push(p);
+        mtls_cps.push(pc);
+    }
+    drop(echo);
+    let _ = iperf_server.0.kill();
+    let (d, p) = (median(&mut direct_bw), median(&mut mtls_bw));
+    let (dc, pc) = (median(&mut direct_cps), median(&mut mtls_cps));
+    println!(
+        "direct_gbit_s={:.2} mtls_gbit_s={:.2} direct_conn_s={dc:.0} mtls_conn_s={pc:.0} (medians of {rounds} rounds, {secs} s each)",
+        d / 1e9,
+        p / 1e9
+    );
+    println!(
+        "mtls_throughput_ratio={:.3} conn_rate_ratio={:.3}",
+        p / d,
+        pc / dc
+    );
+    Ok(())
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One iperf3 single-stream run from pod a1 to pod b1; received bits per second.
+fn iperf(topo: &TwoNodes, secs: u32) -> anyhow::Result<f64> {
+    let out = topo
+        .pod(Side::A, 1)
+        .command("iperf3")
+        .args([
+            "-c",
+            &topo.pod_ip(Side::B, 1).to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+        .output()
+        .context("run iperf3 -c")?;
+    if !out.status.success() {
+        bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received.bits_per_second")
+}
+
+/// Sequential new connections per second from pod a1 to `to` for `secs` seconds: connect,
+/// send one byte, half-close, read the echo until the server closes.
+fn conn_rate(topo: &TwoNodes, to: SocketAddr, secs: u32) -> anyhow::Result<f64> {
+    let run = topo.pod(Side::A, 1).run(move || -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let window = Duration::from_secs(secs.into());
+        let mut n = 0u64;
+        while start.elapsed() < window {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"x")?;
+            s.shutdown(Shutdown::Write)?;
+            let mut buf = [0u8; 8];
+            let mut got = 0;
+            loop {
+                let r = s.read(&mut buf[got..])?;
+                if r == 0 {
+                    break;
+                }
+                got += r;
+            }
+            if got != 1 {
+                bail!("connection {n}: echo returned {got} bytes");
+            }
+            n += 1;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    })?;
+    run
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
