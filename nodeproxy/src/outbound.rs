@@ -361,7 +361,12 @@ mod tests {
         let listeners = [sa("0.0.0.0:15001"), sa("[::]:15001")];
         let web = Identity::new("cluster.local", "shop", "web").unwrap();
         let db = Identity::new("cluster.local", "shop", "db").unwrap();
-        let cases: Vec<(&str, Option<&str>, Result<(&Identity, &str), Refusal>)> = vec![
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Result<(&'a Identity, &'a str), Refusal>,
+        );
+        let cases: Vec<Case> = vec![
             // a meshed pod going anywhere: relayed as its own tenant
             (
                 "10.200.1.2:40000",

@@ -220,8 +220,7 @@ fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
 fn s_client(m: &Mesh, extra: &[&str]) -> String {
     let sni = certs::sni::encode(&SERVER.parse().unwrap()).unwrap();
     let connect = format!("{}:15008", m.topo.node_ip(Side::B));
-    let out = m
-        .topo
+    m.topo
         .node(Side::A)
         .command("openssl")
         .args([
@@ -236,8 +235,7 @@ fn s_client(m: &Mesh, extra: &[&str]) -> String {
         ])
         .args(extra)
         .stdin(std::process::Stdio::piped())
-        .output_with_input(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-    out
+        .output_with_input(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 }
 
 trait OutputWithInput {
@@ -499,7 +497,11 @@ fn tunnel_certificates_come_from_the_control_planes_node_authorizing_ca() {
     let config = dir.path().join("view.yaml");
     std::fs::write(&config, view(&topo)).unwrap();
     let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, "token-of-node-a-0123456789 node-a\ntoken-of-node-b-0123456789 node-b\n").unwrap();
+    std::fs::write(
+        &tokens,
+        "token-of-node-a-0123456789 node-a\ntoken-of-node-b-0123456789 node-b\n",
+    )
+    .unwrap();
     let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
     let endpoint = start_control_plane(&topo, &config, &tokens, &ca_cert, &ca_key);
 

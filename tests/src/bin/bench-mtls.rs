@@ -166,7 +166,7 @@ fn iperf(topo: &TwoNodes, secs: u32) -> anyhow::Result<f64> {
 /// Sequential new connections per second from pod a1 to `to` for `secs` seconds: connect,
 /// send one byte, half-close, read the echo until the server closes.
 fn conn_rate(topo: &TwoNodes, to: SocketAddr, secs: u32) -> anyhow::Result<f64> {
-    let run = topo.pod(Side::A, 1).run(move || -> anyhow::Result<f64> {
+    topo.pod(Side::A, 1).run(move || -> anyhow::Result<f64> {
         let start = Instant::now();
         let window = Duration::from_secs(secs.into());
         let mut n = 0u64;
@@ -190,8 +190,7 @@ fn conn_rate(topo: &TwoNodes, to: SocketAddr, secs: u32) -> anyhow::Result<f64> 
             n += 1;
         }
         Ok(n as f64 / start.elapsed().as_secs_f64())
-    })?;
-    run
+    })?
 }
 
 fn median(v: &mut [f64]) -> f64 {
