@@ -19,5 +19,13 @@ for c in nodeproxy tenancy certs redirect; do
     echo "dependency direction: only controlplane may link kube, but $c does" >&2; fail=1
   fi
 done
+# nodeproxy links controlplane's client and in-process server, never its kube feature.
+if cargo tree -q -p nodeproxy -e normal,features -i controlplane 2>/dev/null | grep -q 'controlplane feature "kube"'; then
+  echo "dependency direction: nodeproxy must not enable controlplane's kube feature" >&2; fail=1
+fi
+# Without its kube feature, controlplane (client + file-source server) links no Kubernetes client.
+if cargo tree -q -p controlplane --no-default-features --features server -e normal --prefix none --format '{p}' | awk '{print $1}' | grep -Eqx 'kube|kube-client|kube-runtime'; then
+  echo "dependency direction: controlplane's server feature must not pull kube" >&2; fail=1
+fi
 [ $fail -eq 0 ] && echo "dependency direction: ok"
 exit $fail
