@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
@@ -30,7 +30,8 @@ use crate::feed::Feed;
 pub const WATCH_STREAMS: &str = "nodeproxy_controlplane_watch_streams";
 /// Metric: updates sent to nodes, by `kind` (`snapshot`, `delta`) (counter).
 pub const PUSHES_TOTAL: &str = "nodeproxy_controlplane_pushes_total";
-/// Metric: seconds from a source's publication to the update's send (histogram/summary).
+/// Metric: seconds from a source's publication (or the stream's start, if later) to the
+/// update's send (histogram/summary).
 pub const PUSH_LATENCY: &str = "nodeproxy_controlplane_push_latency_seconds";
 /// Metric: bytes of updates sent, by `kind` (counter).
 pub const PUSH_BYTES_TOTAL: &str = "nodeproxy_controlplane_push_bytes_total";
@@ -40,12 +41,19 @@ pub const PUSH_BYTES_TOTAL: &str = "nodeproxy_controlplane_push_bytes_total";
 pub struct DiscoveryService {
     feed: Feed,
     auth: Arc<dyn Authenticator>,
+    /// Turns true when the server shuts down: open streams end so that shutdown completes.
+    closing: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
     /// Serves views from `feed` to callers `auth` accepts.
     pub fn new(feed: Feed, auth: Arc<dyn Authenticator>) -> Self {
-        Self { feed, auth }
+        let (_, closing) = watch::channel(false);
+        Self {
+            feed,
+            auth,
+            closing,
+        }
     }
 }
 
@@ -84,14 +92,25 @@ impl Discovery for DiscoveryService {
         auth::authorize(&caller, &node)?;
         tracing::info!(%node, "watch stream opened");
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(stream_view(self.feed.clone(), node, tx));
+        tokio::spawn(stream_view(
+            self.feed.clone(),
+            self.closing.clone(),
+            node,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
 /// Sends `node`'s view: a snapshot once the feed has one, then a delta per change.
-async fn stream_view(mut feed: Feed, node: String, tx: mpsc::Sender<Result<ViewUpdate, Status>>) {
+async fn stream_view(
+    mut feed: Feed,
+    mut closing: watch::Receiver<bool>,
+    node: String,
+    tx: mpsc::Sender<Result<ViewUpdate, Status>>,
+) {
     let _gauge = StreamGauge::open();
+    let started = std::time::Instant::now();
     let mut last: Option<WireView> = None;
     loop {
         let published = feed.borrow_and_update().clone();
@@ -108,7 +127,8 @@ async fn stream_view(mut feed: Feed, node: String, tx: mpsc::Sender<Result<ViewU
                 }
                 metrics::counter!(PUSHES_TOTAL, "kind" => kind).increment(1);
                 metrics::counter!(PUSH_BYTES_TOTAL, "kind" => kind).increment(bytes as u64);
-                metrics::histogram!(PUSH_LATENCY).record(published.at.elapsed().as_secs_f64());
+                let since = published.at.max(started);
+                metrics::histogram!(PUSH_LATENCY).record(since.elapsed().as_secs_f64());
                 tracing::debug!(%node, version = published.version, kind, bytes, "view pushed");
             }
             last = Some(wire);
@@ -116,6 +136,15 @@ async fn stream_view(mut feed: Feed, node: String, tx: mpsc::Sender<Result<ViewU
         tokio::select! {
             changed = feed.changed() => if changed.is_err() { break },
             () = tx.closed() => break,
+            // Err: no shutdown signal exists (the branch is then disabled).
+            Ok(()) = closing.changed() => {
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "the control plane is shutting down; reconnect",
+                    )))
+                    .await;
+                break;
+            }
         }
     }
     tracing::info!(%node, "watch stream closed");
@@ -158,13 +187,20 @@ pub async fn serve_with_ca(
         })?;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "control plane serving");
+    // Graceful shutdown waits for open calls; Watch streams never end by themselves.
+    let (closing_tx, closing) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(DiscoveryServer::new(DiscoveryService::new(
+        .add_service(DiscoveryServer::new(DiscoveryService {
             feed,
-            auth.clone(),
-        )))
+            auth: auth.clone(),
+            closing,
+        }))
         .add_service(IdentityServer::new(identity))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

@@ -43,6 +43,8 @@ pub struct Discovery {
 impl Discovery {
     /// Starts the client (and in standalone mode the embedded server) on a thread of its own.
     pub fn start(config: &Config) -> anyhow::Result<Self> {
+        // The client's metrics start before the daemon's other rooms: install the recorder now.
+        let _ = crate::metrics::handle();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
