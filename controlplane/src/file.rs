@@ -277,6 +277,75 @@ spec: {serviceAccount: web}
     }
 
     #[test]
+    fn the_design_s_authorization_example_parses_into_the_view() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/authorization-policy.yaml");
+        let objects = FileSource::load(&path).unwrap();
+        let view = NodeView::build(&objects, "node-a", "cluster.local").unwrap();
+        let id = |ns: &str, sa: &str| certs::Identity::new("cluster.local", ns, sa).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            view.policies,
+            [crate::view::Policy {
+                name: "admin-http".into(),
+                namespace: "shop".into(),
+                pod_selector: [("app".to_owned(), "web".to_owned())].into(),
+                port: crate::view::PortRef::Name("admin-http".into()),
+                allowed: vec![id("dive-viz", "dive-viz"), id("shop", "metrics-api")],
+                allow_probes: true,
+                targets: vec![ip("10.200.1.2")],
+            }]
+        );
+        let web = &view.services[0];
+        assert_eq!((web.namespace.as_str(), web.name.as_str()), ("shop", "web"));
+        assert_eq!(web.cluster_ips, [ip("10.96.0.10")]);
+        assert_eq!(web.endpoints.len(), 1);
+        assert_eq!(web.endpoints[0].identity, id("shop", "web"));
+        assert_eq!(
+            web.ports[1].target,
+            crate::view::PortRef::Name("admin-http".into())
+        );
+        // node-b holds no pod the policy protects, so its view carries no policy.
+        let other = NodeView::build(&objects, "node-b", "cluster.local").unwrap();
+        assert!(other.policies.is_empty());
+    }
+
+    #[test]
+    fn lenient_mode_skips_pending_pods_and_invalid_policies_and_reports_them() {
+        let text = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodeproxy.io/mesh: enabled}}
+---
+apiVersion: nodeproxy.io/v1alpha1
+kind: TenantPolicy
+metadata: {name: web, namespace: shop}
+spec: {serviceAccount: web, weight: 0}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop}
+spec: {serviceAccountName: web, nodeName: n1}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending-0, namespace: shop}
+spec: {serviceAccountName: web, nodeName: n1}
+status: {phase: Pending}
+";
+        let (objects, _) = crate::objects::parse_collect("t.yaml", text).unwrap();
+        assert!(NodeView::build(&objects, "n1", "cluster.local").is_err());
+        let (view, problems) =
+            NodeView::build_with(&objects, "n1", "cluster.local", crate::view::Mode::Lenient)
+                .unwrap();
+        assert_eq!(view.local.len(), 1, "the pending pod is skipped, silently");
+        assert_eq!(view.tenants[0].weight, 100, "the invalid policy is skipped");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object.as_deref(), Some("TenantPolicy shop/web"));
+    }
+
+    #[test]
     fn an_unreadable_file_names_the_path() {
         let err = FileSource::load(Path::new("/nonexistent/nodeproxy.yaml")).unwrap_err();
         let text = err.to_string();

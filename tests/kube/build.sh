@@ -9,7 +9,10 @@
 set -euo pipefail
 OUT=${NODEPROXY_KUBE_DIR:-/var/tmp/nodeproxy-kube}
 WHAT=${WHAT:-cmd/kube-apiserver}
-if [ -x "$OUT/bin/kube-apiserver" ] && [ -x /usr/bin/etcd ]; then
+if [ -x "$OUT/bin/kube-apiserver" ]; then
+  if [ ! -x /usr/bin/etcd ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server >/dev/null
+  fi
   echo "tests/kube/build.sh: cached $OUT/bin/kube-apiserver"
   exit 0
 fi
