@@ -1,24 +1,57 @@
 //! The node view on the wire: [`WireView`], a node view keyed per kind, and the snapshot and
 //! delta messages between two of them.
 //!
-//! The server turns each new [`NodeView`] into a [`WireView`] and sends what changed since the
-//! last one it sent ([`WireView::delta`]); the client applies updates to its own copy
-//! ([`WireView::apply`]) and turns it back into a [`NodeView`] ([`WireView::to_view`]). A delta
-//! is per kind: whole objects to upsert and keys to remove, nothing finer.
+//! The server builds the node-independent part ([`SharedWire`]: workloads, services,
+//! namespaces) once per publication and shares it (`Arc`) between every node's [`WireView`],
+//! adding only each node's tenants and policies ([`WireView::for_node`]); it sends what changed
+//! since the last view it sent ([`WireView::delta`]; an unchanged shared part is skipped by
+//! pointer). The client applies updates to its own copy ([`WireView::apply`]) and turns it back
+//! into a [`NodeView`] ([`WireView::to_view`]). A delta is per kind: whole objects to upsert
+//! and keys to remove, nothing finer.
 //!
 //! Must not touch: sockets, the sources; it is pure data.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use certs::Identity;
 
 use crate::api as pb;
 use crate::error::{Error, Result};
 use crate::view::{
-    Endpoint, NodeView, Policy, PortRef, Service, ServicePort, TenantLimits, TenantSettings,
-    Workload,
+    Cluster, Endpoint, NodeView, Policy, PortRef, Service, ServicePort, TenantLimits,
+    TenantSettings, Workload,
 };
+
+/// The part of every node's view that does not depend on the node, keyed as on the wire.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SharedWire {
+    /// Workloads (every node's) by `namespace/name`.
+    pub workloads: BTreeMap<String, pb::Workload>,
+    /// Services by `namespace/name`.
+    pub services: BTreeMap<String, pb::Service>,
+    /// Meshed namespace names.
+    pub namespaces: BTreeSet<String>,
+}
+
+impl SharedWire {
+    /// The shared part of every node's view of `cluster`.
+    pub fn from_cluster(cluster: &Cluster) -> Self {
+        Self {
+            workloads: cluster
+                .workloads()
+                .map(|w| (ns_key(&w.namespace, &w.name), workload_to_pb(w)))
+                .collect(),
+            services: cluster
+                .services()
+                .iter()
+                .map(|s| (ns_key(&s.namespace, &s.name), service_to_pb(s)))
+                .collect(),
+            namespaces: cluster.meshed_namespaces().iter().cloned().collect(),
+        }
+    }
+}
 
 /// One node's view, keyed as on the wire.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -27,16 +60,12 @@ pub struct WireView {
     pub node: String,
     /// The trust domain of its identities.
     pub trust_domain: String,
-    /// Workloads by `namespace/name`.
-    pub workloads: BTreeMap<String, pb::Workload>,
-    /// Services by `namespace/name`.
-    pub services: BTreeMap<String, pb::Service>,
+    /// Workloads, services and namespaces: the same for every node.
+    pub shared: Arc<SharedWire>,
     /// Policies by `namespace/name`.
     pub policies: BTreeMap<String, pb::AuthorizationPolicy>,
     /// Tenant settings by SPIFFE ID.
     pub tenants: BTreeMap<String, pb::TenantSettings>,
-    /// Meshed namespace names.
-    pub namespaces: BTreeSet<String>,
 }
 
 /// Upserts and removals of one kind between two keyed maps.
@@ -76,6 +105,25 @@ fn ns_key(namespace: &str, name: &str) -> String {
 }
 
 impl WireView {
+    /// The wire form of `node`'s view of `cluster`, sharing `shared` (built from the same
+    /// cluster) with every other node.
+    pub fn for_node(cluster: &Cluster, shared: &Arc<SharedWire>, node: &str) -> Self {
+        let (tenants, policies) = cluster.node_settings(node);
+        Self {
+            node: node.to_owned(),
+            trust_domain: cluster.trust_domain().to_owned(),
+            shared: shared.clone(),
+            policies: policies
+                .iter()
+                .map(|p| (ns_key(&p.namespace, &p.name), policy_to_pb(p)))
+                .collect(),
+            tenants: tenants
+                .iter()
+                .map(|t| (t.identity.to_string(), tenant_to_pb(t)))
+                .collect(),
+        }
+    }
+
     /// The wire form of a view.
     pub fn from_view(view: &NodeView) -> Self {
         let workloads = view
@@ -102,11 +150,13 @@ impl WireView {
         Self {
             node: view.node.clone(),
             trust_domain: view.trust_domain.clone(),
-            workloads,
-            services,
+            shared: Arc::new(SharedWire {
+                workloads,
+                services,
+                namespaces: view.meshed_namespaces.iter().cloned().collect(),
+            }),
             policies,
             tenants,
-            namespaces: view.meshed_namespaces.iter().cloned().collect(),
         }
     }
 
@@ -117,11 +167,11 @@ impl WireView {
             snapshot: true,
             trust_domain: self.trust_domain.clone(),
             node: self.node.clone(),
-            workloads: self.workloads.values().cloned().collect(),
-            services: self.services.values().cloned().collect(),
+            workloads: self.shared.workloads.values().cloned().collect(),
+            services: self.shared.services.values().cloned().collect(),
             policies: self.policies.values().cloned().collect(),
             tenants: self.tenants.values().cloned().collect(),
-            meshed_namespaces: self.namespaces.iter().cloned().collect(),
+            meshed_namespaces: self.shared.namespaces.iter().cloned().collect(),
             ..Default::default()
         }
     }
@@ -131,20 +181,27 @@ impl WireView {
         if self.node != new.node || self.trust_domain != new.trust_domain {
             return Some(new.snapshot(version));
         }
-        let (workloads, removed_workloads) = diff(&self.workloads, &new.workloads);
-        let (services, removed_services) = diff(&self.services, &new.services);
+        let (mut workloads, mut removed_workloads) = (Vec::new(), Vec::new());
+        let (mut services, mut removed_services) = (Vec::new(), Vec::new());
+        let (mut meshed_namespaces, mut removed_namespaces) = (Vec::new(), Vec::new());
+        // Every node shares one SharedWire per publication: the same pointer, nothing changed.
+        if !Arc::ptr_eq(&self.shared, &new.shared) {
+            let (old, new) = (&self.shared, &new.shared);
+            (workloads, removed_workloads) = diff(&old.workloads, &new.workloads);
+            (services, removed_services) = diff(&old.services, &new.services);
+            meshed_namespaces = new
+                .namespaces
+                .difference(&old.namespaces)
+                .cloned()
+                .collect();
+            removed_namespaces = old
+                .namespaces
+                .difference(&new.namespaces)
+                .cloned()
+                .collect();
+        }
         let (policies, removed_policies) = diff(&self.policies, &new.policies);
         let (tenants, removed_tenants) = diff(&self.tenants, &new.tenants);
-        let meshed_namespaces: Vec<String> = new
-            .namespaces
-            .difference(&self.namespaces)
-            .cloned()
-            .collect();
-        let removed_namespaces: Vec<String> = self
-            .namespaces
-            .difference(&new.namespaces)
-            .cloned()
-            .collect();
         let update = pb::ViewUpdate {
             version,
             snapshot: false,
@@ -177,18 +234,24 @@ impl WireView {
                 ..Default::default()
             };
         }
+        // The client holds the only reference: no copy.
+        let shared = Arc::make_mut(&mut self.shared);
         apply_kind(
-            &mut self.workloads,
+            &mut shared.workloads,
             update.workloads,
             update.removed_workloads,
             |w| ns_key(&w.namespace, &w.name),
         );
         apply_kind(
-            &mut self.services,
+            &mut shared.services,
             update.services,
             update.removed_services,
             |s| ns_key(&s.namespace, &s.name),
         );
+        for ns in update.removed_namespaces {
+            shared.namespaces.remove(&ns);
+        }
+        shared.namespaces.extend(update.meshed_namespaces);
         apply_kind(
             &mut self.policies,
             update.policies,
@@ -201,17 +264,13 @@ impl WireView {
             update.removed_tenants,
             |t| t.identity.clone(),
         );
-        for ns in update.removed_namespaces {
-            self.namespaces.remove(&ns);
-        }
-        self.namespaces.extend(update.meshed_namespaces);
     }
 
     /// The view this wire form describes; fails on a value that does not parse.
     pub fn to_view(&self) -> Result<NodeView> {
         let mut local = Vec::new();
         let mut remote = Vec::new();
-        for w in self.workloads.values() {
+        for w in self.shared.workloads.values() {
             let workload = workload_from_pb(w)?;
             if workload.node == self.node {
                 local.push(workload);
@@ -224,6 +283,7 @@ impl WireView {
         local.sort_by(by_name);
         remote.sort_by(by_name);
         let mut services = self
+            .shared
             .services
             .values()
             .map(service_from_pb)
@@ -246,7 +306,7 @@ impl WireView {
             trust_domain: self.trust_domain.clone(),
             local,
             remote,
-            meshed_namespaces: self.namespaces.iter().cloned().collect(),
+            meshed_namespaces: self.shared.namespaces.iter().cloned().collect(),
             tenants,
             services,
             policies,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
+use crate::convert::SharedWire;
 use crate::file::FileSource;
 use crate::objects::Objects;
 use crate::view::{Cluster, Mode};
@@ -27,6 +28,8 @@ pub struct Published {
     pub version: u64,
     /// The translation of every object, ready to cut node views from.
     pub cluster: Cluster,
+    /// The wire form of what every node's view shares, built once.
+    pub shared: Arc<SharedWire>,
     /// When it was published (push latency is measured from here).
     pub at: Instant,
 }
@@ -64,8 +67,10 @@ impl Publisher {
         }
         self.version += 1;
         metrics::counter!(UPDATES_TOTAL).increment(1);
+        let shared = Arc::new(SharedWire::from_cluster(&cluster));
         let published = Arc::new(Published {
             version: self.version,
+            shared,
             cluster,
             at: Instant::now(),
         });

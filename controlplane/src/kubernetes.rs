@@ -169,7 +169,22 @@ impl KubeSource {
             K: Resource + Clone + 'static,
             K::DynamicType: Eq + std::hash::Hash + Clone,
         {
-            store.state().iter().map(|k| (**k).clone()).collect()
+            // Stores iterate in no particular order; the translation's "first one wins" rules
+            // (duplicate addresses, two policies for one tenant) need a stable one: oldest
+            // first, then by namespace and name.
+            let mut all: Vec<K> = store.state().iter().map(|k| (**k).clone()).collect();
+            all.sort_by(|a, b| {
+                let key = |k: &K| {
+                    let m = k.meta();
+                    (
+                        m.creation_timestamp.as_ref().map(|t| t.0),
+                        m.namespace.clone(),
+                        m.name.clone(),
+                    )
+                };
+                key(a).cmp(&key(b))
+            });
+            all
         }
         let objects = Objects {
             namespaces: all(&self.namespaces),

@@ -115,7 +115,7 @@ async fn stream_view(
     loop {
         let published = feed.borrow_and_update().clone();
         if let Some(published) = published {
-            let wire = WireView::from_view(&published.cluster.node_view(&node));
+            let wire = WireView::for_node(&published.cluster, &published.shared, &node);
             let (kind, update) = match &last {
                 None => ("snapshot", Some(wire.snapshot(published.version))),
                 Some(prev) => ("delta", prev.delta(&wire, published.version)),

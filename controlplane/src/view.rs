@@ -319,7 +319,28 @@ impl Cluster {
             .iter()
             .map(|(w, _)| w.clone())
             .partition(|w| w.node == node);
-        let identities: BTreeSet<&Identity> = local.iter().map(|w| &w.identity).collect();
+        let (tenants, policies) = self.node_settings(node);
+        NodeView {
+            node: node.to_owned(),
+            trust_domain: self.trust_domain.clone(),
+            local,
+            remote,
+            meshed_namespaces: self.meshed_namespaces.clone(),
+            tenants,
+            services: self.services.clone(),
+            policies,
+        }
+    }
+
+    /// The node-specific part of `node`'s view: its tenants' settings and the policies that
+    /// protect its workloads. (Workloads, services and namespaces are the same for every node.)
+    pub fn node_settings(&self, node: &str) -> (Vec<TenantSettings>, Vec<Policy>) {
+        let identities: BTreeSet<&Identity> = self
+            .workloads
+            .iter()
+            .filter(|(w, _)| w.node == node)
+            .map(|(w, _)| &w.identity)
+            .collect();
         let tenants = identities
             .into_iter()
             .map(|id| {
@@ -350,16 +371,27 @@ impl Cluster {
                 })
             })
             .collect();
-        NodeView {
-            node: node.to_owned(),
-            trust_domain: self.trust_domain.clone(),
-            local,
-            remote,
-            meshed_namespaces: self.meshed_namespaces.clone(),
-            tenants,
-            services: self.services.clone(),
-            policies,
-        }
+        (tenants, policies)
+    }
+
+    /// Every meshed workload of the cluster, sorted by (namespace, name).
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.iter().map(|(w, _)| w)
+    }
+
+    /// Every service of a meshed namespace, sorted by (namespace, name).
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    /// The meshed namespaces, sorted.
+    pub fn meshed_namespaces(&self) -> &[String] {
+        &self.meshed_namespaces
+    }
+
+    /// The trust domain of every identity.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 }
 
