@@ -8,6 +8,7 @@ command -v ip     >/dev/null 2>&1 || need+=(iproute2)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v sockperf >/dev/null 2>&1 || need+=(sockperf)
 command -v pgrep  >/dev/null 2>&1 || need+=(procps)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -328,11 +328,15 @@ impl Netns {
         &self.path
     }
 
-    /// A command that runs `program` inside the namespace (`ip netns exec <name> <program>`).
-    /// `ip` execs the program directly, so the child's pid is the program's pid.
+    /// A command that runs `program` inside the namespace
+    /// (`nsenter --net=/var/run/netns/<name> <program>`). nsenter execs the program directly, so
+    /// the child's pid is the program's pid. Unlike `ip netns exec`, it does not remount `/sys`,
+    /// so the program still sees the host's cgroup filesystem, as a hostNetwork pod does.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path.display()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -492,16 +496,15 @@ pub fn which(tool: &str) -> Option<PathBuf> {
         })
 }
 
-/// Checks what [`Topology::create`] needs: root and the `ip` binary.
+/// Checks what [`Topology::create`] and [`Netns::command`] need: root, `ip` and `nsenter`.
 pub fn check_privileges() -> Result<()> {
     if !is_root() {
         return Err(TopologyError::NotRoot);
     }
-    if which("ip").is_none() {
-        return Err(TopologyError::MissingTool {
-            tool: "ip",
-            package: "iproute2",
-        });
+    for (tool, package) in [("ip", "iproute2"), ("nsenter", "util-linux")] {
+        if which(tool).is_none() {
+            return Err(TopologyError::MissingTool { tool, package });
+        }
     }
     Ok(())
 }
