@@ -307,15 +307,18 @@ impl PodCgroups {
             std::fs::write(root.join("cgroup.subtree_control"), "+cpu")?;
         }
         let me = Self { root, v2 };
+        // The daemon's pod weight: by default a pod's worth per tenant it serves (2 here), as
+        // a DaemonSet sized by its CPU request would be.
+        let daemon_weight: u64 = env_or("DAEMON_WEIGHT", 200);
         for g in ["pod1", "pod2", "pod3", "pod4", "daemon"] {
             let dir = me.root.join(g);
             std::fs::create_dir_all(&dir)?;
-            let (file, value) = if v2 {
-                ("cpu.weight", "100")
+            let weight = if g == "daemon" { daemon_weight } else { 100 };
+            if v2 {
+                std::fs::write(dir.join("cpu.weight"), weight.to_string())?;
             } else {
-                ("cpu.shares", "1024")
-            };
-            std::fs::write(dir.join(file), value)?;
+                std::fs::write(dir.join("cpu.shares"), (weight * 1024 / 100).to_string())?;
+            }
         }
         Ok(me)
     }
