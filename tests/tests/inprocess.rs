@@ -257,3 +257,107 @@ fn a_bad_view_file_names_every_problem() {
         "both pods named: {msg}"
     );
 }
+
+/// A tenant over its own connection limit is shed, fast and counted; another tenant on the same
+/// daemon is not touched.
+#[test]
+fn a_tenant_over_its_limit_is_shed_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = dir.path().join("view.yaml");
+    let policy = "---\napiVersion: nodeproxy.io/v1alpha1\nkind: TenantPolicy\n\
+                  metadata: {name: web, namespace: limits}\n\
+                  spec: {serviceAccount: web, weight: 300, limits: {maxConnections: 2}}\n";
+    // Its own namespace: metrics are process-wide and the other tests count `shop`'s tenants.
+    std::fs::write(&view, format!("{}{policy}", VIEW.replace("shop", "limits"))).unwrap();
+    let echo = echo_server();
+    let mut running = app::start(
+        config(&view),
+        StartOptions {
+            orig_dst: OrigDst::Fixed(echo),
+        },
+    )
+    .unwrap();
+    let proxy = running.outbound_addrs[0];
+    admin_client::wait_ok(running.admin_addr, "/ready", Duration::from_secs(5)).unwrap();
+
+    // web holds two open connections: its limit.
+    let open = |src: &str| {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&SocketAddr::new(src.parse().unwrap(), 0).into())
+            .unwrap();
+        sock.connect(&proxy.into()).unwrap();
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = open("127.0.0.2");
+        s.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        held.push(s);
+    }
+    // A third is shed: reset with no byte relayed.
+    let mut third = open("127.0.0.2");
+    let _ = third.write_all(b"hi");
+    let mut b = [0u8; 2];
+    assert!(
+        third.read_exact(&mut b).is_err(),
+        "web's third connection got through"
+    );
+    // db is not affected by web's limit.
+    for _ in 0..5 {
+        assert_eq!(
+            roundtrip("127.0.0.3".parse().unwrap(), proxy, b"db").unwrap(),
+            b"db"
+        );
+    }
+    let (_, body) = admin_client::get(running.admin_addr, "/tenants").unwrap();
+    let tenants: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let web = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "spiffe://cluster.local/ns/limits/sa/web")
+        .unwrap();
+    assert_eq!(web["weight"], 300);
+    assert_eq!(web["limits"]["max_connections"], 2);
+    assert_eq!(web["open_connections"], 2);
+    assert_eq!(web["rejected"]["connections"], 1);
+    let s = scrape(running.metrics_addr);
+    assert_eq!(
+        metric(
+            &s,
+            "nodeproxy_tenant_rejected_total",
+            &[
+                ("tenant", "spiffe://cluster.local/ns/limits/sa/web"),
+                ("reason", "connections")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &s,
+            "nodeproxy_tenant_rejected_total",
+            &[("tenant", "spiffe://cluster.local/ns/limits/sa/db")]
+        ),
+        0.0
+    );
+    // Freeing a slot lets web in again.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if roundtrip("127.0.0.2".parse().unwrap(), proxy, b"again").is_ok_and(|v| v == b"again") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web never got a slot back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.shutdown();
+}

@@ -137,7 +137,6 @@ fn main() -> anyhow::Result<()> {
         let p99 = |v: &[Victim]| median(v.iter().map(|x| x.p99_us).collect());
         let rate = |v: &[Victim]| median(v.iter().map(|x| x.conn_per_s).collect());
         let r = ModeResult {
-            mode,
             p99_alone: p99(&alone),
             p99_noisy: p99(&noisy),
             rate_alone: rate(&alone),
@@ -167,7 +166,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 struct ModeResult {
-    mode: &'static str,
     p99_alone: f64,
     p99_noisy: f64,
     rate_alone: f64,
