@@ -224,8 +224,11 @@ async fn dial(
     };
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(current.client_config());
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
-        .await
+    let tls_stream = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        connector.connect(name, super::buffered(tcp)),
+    )
+    .await
     {
         Ok(Ok(s)) => {
             count_handshake(&tenant, "outbound", "ok");
@@ -248,7 +251,10 @@ async fn dial(
         }
     };
     let (send, conn) = http2::Builder::new(super::LocalExec)
-        .adaptive_window(true)
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONN_WINDOW)
+        .max_frame_size(super::MAX_FRAME)
+        .max_send_buf_size(super::SEND_BUF)
         .handshake(TokioIo::new(tls_stream))
         .await
         .map_err(|e| TunnelError::Handshake {

@@ -46,6 +46,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CERT_WAIT: Duration = Duration::from_secs(10);
 /// Streams per pooled tunnel connection; past it, a new connection is opened.
 pub const MAX_STREAMS_PER_CONN: usize = 100;
+/// HTTP/2 flow-control windows: fixed and large, so one bulk stream is never window-bound on a
+/// fast link (HTTP/2's 64 KiB default stalls it; the BDP estimator ramps up too slowly).
+const STREAM_WINDOW: u32 = 8 << 20;
+/// Connection-level window (shared by all streams of a connection).
+const CONN_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame we accept: fewer frames per byte.
+const MAX_FRAME: u32 = 256 << 10;
+/// Per-stream send buffer of HTTP/2.
+const SEND_BUF: usize = 4 << 20;
 
 /// What the tunnel's halves need from the daemon; cheap to clone, `Send`.
 #[derive(Clone)]
@@ -136,6 +145,16 @@ pub async fn current(tls: &TenantTls) -> Result<Arc<certs::Current>, TunnelError
             tls.store.identity()
         ))),
     }
+}
+
+/// How much is read from a tunnel socket at once.
+const READ_BUF: usize = 256 << 10;
+
+/// The tunnel socket under TLS, read through a large buffer: rustls asks for 4 KiB per read,
+/// which would cost four `read` syscalls per TLS record; with the buffer one syscall fetches
+/// many records. Writes pass straight through (rustls already writes records in batches).
+pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    tokio::io::BufReader::with_capacity(READ_BUF, tcp)
 }
 
 /// Errors of the tunnel, with who is to blame (a closed set labels metrics).
@@ -254,5 +273,47 @@ where
 {
     fn execute(&self, fut: F) {
         tokio::task::spawn_local(fut);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use controlplane::view::NodeView;
+
+    const VIEW: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodeproxy.io/mesh: enabled}}\n\
+        ---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\n\
+        spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, image: i}]}\n\
+        status: {phase: Running, podIP: 10.0.0.2}\n\
+        ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\n\
+        spec: {serviceAccountName: db, nodeName: n2, containers: [{name: c, image: i}]}\n\
+        status: {phase: Running, podIP: 10.0.1.2}\n";
+
+    #[tokio::test]
+    async fn the_standalone_signer_signs_only_identities_of_local_pods() {
+        let objects = controlplane::FileSource::parse_str("test", VIEW).unwrap();
+        let view = NodeView::build(&objects, "n1", "cluster.local").unwrap();
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(view, 1)));
+        let signer = LocalCaSigner::new(
+            Ca::generate("cluster.local").unwrap(),
+            "n1".into(),
+            snapshot,
+        );
+        let web: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let db: Identity = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+        let csr = |id: &Identity| {
+            certs::ca::csr_from_pem(&certs::test_util::csr_pem(&id.to_string())).unwrap()
+        };
+        assert!(signer.sign(&web, csr(&web)).await.is_ok());
+        let err = signer.sign(&db, csr(&db)).await.unwrap_err().to_string();
+        assert!(
+            err.contains("node n1 has no pod with this identity"),
+            "{err}"
+        );
+        assert!(
+            err.contains("spiffe://cluster.local/ns/shop/sa/db"),
+            "{err}"
+        );
     }
 }

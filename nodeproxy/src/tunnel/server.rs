@@ -46,19 +46,22 @@ pub async fn serve(stream: std::net::TcpStream, client: SocketAddr, tenant: Iden
     drop(tls);
     let acceptor = tokio_rustls::TlsAcceptor::from(current.server_config());
     drop(current);
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            count_handshake(&tenant, "inbound", "error");
-            tracing::warn!(%tenant, %client, error = %e, "tunnel TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            count_handshake(&tenant, "inbound", "timeout");
-            tracing::warn!(%tenant, %client, "tunnel TLS handshake timed out");
-            return;
-        }
-    };
+    let tls_stream =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::buffered(stream)))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                count_handshake(&tenant, "inbound", "error");
+                tracing::warn!(%tenant, %client, error = %e, "tunnel TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                count_handshake(&tenant, "inbound", "timeout");
+                tracing::warn!(%tenant, %client, "tunnel TLS handshake timed out");
+                return;
+            }
+        };
     let peer_id = match certs::verify::peer_identity(tls_stream.get_ref().1) {
         Ok(id) => id,
         Err(e) => {
@@ -75,7 +78,10 @@ pub async fn serve(stream: std::net::TcpStream, client: SocketAddr, tenant: Iden
     };
     let served = http2::Builder::new(super::LocalExec)
         .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
-        .adaptive_window(true)
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONN_WINDOW)
+        .max_frame_size(super::MAX_FRAME)
+        .max_send_buf_size(super::SEND_BUF)
         .serve_connection(TokioIo::new(tls_stream), service)
         .await;
     if let Err(e) = served {

@@ -52,7 +52,6 @@ fn main() -> anyhow::Result<()> {
         .spawn()
         .context("start iperf3 -s (install iperf3)")?;
     let mut iperf_server = KillOnDrop(iperf_server);
-    let echo = tcp_echo_server(&topo.pod(Side::B, 1), SocketAddr::from((server_ip, 9000)))?;
     std::thread::sleep(Duration::from_millis(300));
 
     let dir = tempfile::tempdir()?;
@@ -66,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let d = iperf(&topo, secs)?;
-        let dc = conn_rate(&topo, echo.local_addr(), secs)?;
+        let dc = conn_rate(&topo, 9000 + 2 * round as u16, secs)?;
         eprintln!(
             "round {round}/{rounds}: direct {:6.2} Gbit/s {dc:8.0} conn/s",
             d / 1e9
@@ -96,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         let mut a = start(Side::A, "node-a")?;
         let mut b = start(Side::B, "node-b")?;
         let p = iperf(&topo, secs)?;
-        let pc = conn_rate(&topo, echo.local_addr(), secs)?;
+        let pc = conn_rate(&topo, 9001 + 2 * round as u16, secs)?;
         let handshakes = nodeproxy::admin_client::metric_sum(
             &b.metrics()?,
             nodeproxy::metrics::TLS_HANDSHAKES_TOTAL,
@@ -114,7 +113,6 @@ fn main() -> anyhow::Result<()> {
         mtls_bw.push(p);
         mtls_cps.push(pc);
     }
-    drop(echo);
     let _ = iperf_server.0.kill();
     let (d, p) = (median(&mut direct_bw), median(&mut mtls_bw));
     let (dc, pc) = (median(&mut direct_cps), median(&mut mtls_cps));
@@ -164,8 +162,15 @@ fn iperf(topo: &TwoNodes, secs: u32) -> anyhow::Result<f64> {
 }
 
 /// Sequential new connections per second from pod a1 to `to` for `secs` seconds: connect,
-/// send one byte, half-close, read the echo until the server closes.
-fn conn_rate(topo: &TwoNodes, to: SocketAddr, secs: u32) -> anyhow::Result<f64> {
+/// send one byte, half-close, read the echo until the server closes. Each measurement uses a
+/// fresh server `port`, so no connection matches a conntrack entry left by an earlier phase
+/// (with or without the daemons' NAT).
+fn conn_rate(topo: &TwoNodes, port: u16, secs: u32) -> anyhow::Result<f64> {
+    let echo = tcp_echo_server(
+        &topo.pod(Side::B, 1),
+        SocketAddr::from((topo.pod_ip(Side::B, 1), port)),
+    )?;
+    let to = echo.local_addr();
     topo.pod(Side::A, 1).run(move || -> anyhow::Result<f64> {
         let start = Instant::now();
         let window = Duration::from_secs(secs.into());
@@ -187,6 +192,9 @@ fn conn_rate(topo: &TwoNodes, to: SocketAddr, secs: u32) -> anyhow::Result<f64> 
             if got != 1 {
                 bail!("connection {n}: echo returned {got} bytes");
             }
+            // Abortive close after the echo: no TIME_WAIT, so the ephemeral ports (and the
+            // nodes' conntrack) do not fill up and slow later rounds down.
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
             n += 1;
         }
         Ok(n as f64 / start.elapsed().as_secs_f64())
