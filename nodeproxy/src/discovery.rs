@@ -62,6 +62,9 @@ impl Discovery {
                         text: EMBEDDED_CONFIG.to_owned(),
                     },
                 };
+                // Fail fast, with every problem of the file, rather than wait for a first view
+                // the embedded server would never send.
+                crate::app::load_view(config).context("cannot load the node view")?;
                 let listener = rt
                     .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
                     .context("cannot listen for the embedded control plane on 127.0.0.1")?;
