@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system tools nodeproxy's demo, tests and benchmarks use, if they are missing:
-# nft (nftables), ip (iproute2), iperf3, sockperf (benchmarks). Needs root (apt-get); does nothing when all are there.
+# nft (nftables), ip (iproute2), iperf3, sockperf (benchmarks), openssl (s_client against the
+# mesh tunnel). Needs root (apt-get); does nothing when all are there.
 set -euo pipefail
 need=()
 command -v nft    >/dev/null 2>&1 || need+=(nftables)
@@ -9,6 +10,7 @@ command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v sockperf >/dev/null 2>&1 || need+=(sockperf)
 command -v pgrep  >/dev/null 2>&1 || need+=(procps)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
