@@ -122,10 +122,10 @@ impl Gate {
         if limits.max_buffer_bytes.is_some_and(|max| bytes > max) {
             return Err(Rejection::Buffers);
         }
-        if let Some(rate) = limits.max_connections_per_second {
-            if !self.take_token(rate) {
-                return Err(Rejection::Rate);
-            }
+        if let Some(rate) = limits.max_connections_per_second
+            && !self.take_token(rate)
+        {
+            return Err(Rejection::Rate);
         }
         Ok(admission)
     }

@@ -168,11 +168,11 @@ fn remove_stale(parent: &Path) {
 
 /// Creates `base` and the directories above it up to `root`, clearing stale siblings.
 fn ensure_tree(root: &Path, base: &Path) -> io::Result<()> {
-    if let Some(parent) = base.parent() {
-        if parent != root {
-            ensure_dir(parent)?;
-            remove_stale(parent);
-        }
+    if let Some(parent) = base.parent()
+        && parent != root
+    {
+        ensure_dir(parent)?;
+        remove_stale(parent);
     }
     ensure_dir(base)
 }

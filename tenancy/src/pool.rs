@@ -151,10 +151,11 @@ impl Worker {
     }
 
     fn join(&self) {
-        if let Some(t) = lock(&self.thread).take() {
-            if t.join().is_err() {
-                tracing::error!("a pool worker panicked while draining");
-            }
+        let thread = lock(&self.thread).take();
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            tracing::error!("a pool worker panicked while draining");
         }
     }
 }
