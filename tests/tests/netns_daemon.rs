@@ -172,6 +172,18 @@ fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
         let (_, body) = daemon.get("/tenants").ok()?;
         body.contains("ns/plain/sa/gamma").then_some(())
     });
+    // The snapshot learns a pod before its IP joins the capture set (so its first connection is
+    // never refused as unknown); wait for the set update too.
+    let pod3 = topo.pod_ip(3).to_string();
+    poll("pod 3 in the capture set", || {
+        let out = topo
+            .node()
+            .command("nft")
+            .args(["list", "set", "inet", "nodeproxy", "meshed_v4"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).contains(&pod3).then_some(())
+    });
     assert_eq!(
         tcp_roundtrip(topo.pod(3), None, to_b4, b"meshed").unwrap(),
         b"meshed"
