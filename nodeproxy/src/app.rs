@@ -370,10 +370,18 @@ impl Drop for Running {
 fn build_pools(isolation: &IsolationConfig) -> anyhow::Result<Pools<Identity>> {
     let pools = match isolation.mode {
         IsolationMode::PerTenant => {
-            let cpu = match isolation.cpu_control {
-                CpuControlMode::Auto => tenancy::CpuControl::detect("nodeproxy"),
-                CpuControlMode::Nice => tenancy::CpuControl::nice(),
-                CpuControlMode::None => tenancy::CpuControl::none(),
+            let cpu = match (isolation.cpu_control, &isolation.cgroup_parent) {
+                (CpuControlMode::Auto, Some(parent)) => {
+                    tenancy::CpuControl::v1_flat(parent, "nodeproxy").with_context(|| {
+                        format!(
+                            "--cgroup-parent {}: tenant groups need a cgroup v1 cpu group there",
+                            parent.display()
+                        )
+                    })?
+                }
+                (CpuControlMode::Auto, None) => tenancy::CpuControl::detect("nodeproxy"),
+                (CpuControlMode::Nice, _) => tenancy::CpuControl::nice(),
+                (CpuControlMode::None, _) => tenancy::CpuControl::none(),
             };
             Pools::with(tenancy::Isolation::PerTenant, cpu)?
         }

@@ -88,6 +88,11 @@ pub struct RunArgs {
     /// `nice`, or `none`.
     #[arg(long, env = "NODEPROXY_CPU_CONTROL", value_enum, default_value_t = CpuControlMode::Auto)]
     pub cpu_control: CpuControlMode,
+    /// cgroup v1 only: put tenant CPU groups directly in this cgroup (a path below the cpu
+    /// hierarchy, e.g. `kubepods`), as siblings of the pods, instead of under the daemon's own
+    /// cgroup. A light tenant then never waits behind the daemon's busy tenants.
+    #[arg(long, env = "NODEPROXY_CGROUP_PARENT")]
+    pub cgroup_parent: Option<PathBuf>,
     /// Mesh tunnel listener (mTLS, HTTP/2 CONNECT). Peers are always dialled on port 15008.
     #[arg(long, env = "NODEPROXY_TUNNEL_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::TUNNEL)))]
     pub tunnel_addr: SocketAddr,
@@ -161,7 +166,7 @@ pub enum CpuControlMode {
 }
 
 /// How tenants are kept apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IsolationConfig {
     /// Per-tenant threads or shared threads.
     pub mode: IsolationMode,
@@ -169,6 +174,8 @@ pub struct IsolationConfig {
     pub shared_threads: usize,
     /// CPU weight enforcement of the per-tenant mode.
     pub cpu_control: CpuControlMode,
+    /// Where tenant CPU groups go (cgroup v1), if not under the daemon's own cgroup.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// Where the world view comes from.
@@ -321,6 +328,7 @@ impl Config {
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
             }),
             cpu_control: args.cpu_control,
+            cgroup_parent: args.cgroup_parent.clone(),
         };
         if args.cert_lifetime_secs < 2 {
             errors.push(format!(

@@ -52,6 +52,9 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 #[derive(Debug, Clone)]
 pub struct CpuControl {
     mechanism: Mechanism,
+    /// Prefix of tenant group names inside the mechanism's directory: empty when the directory
+    /// is our own `<group>/<pid>`, `<group>-<pid>-` when groups sit flat in a shared parent.
+    prefix: String,
 }
 
 impl CpuControl {
@@ -59,6 +62,7 @@ impl CpuControl {
     pub fn none() -> Self {
         Self {
             mechanism: Mechanism::None,
+            prefix: String::new(),
         }
     }
 
@@ -66,7 +70,31 @@ impl CpuControl {
     pub fn nice() -> Self {
         Self {
             mechanism: Mechanism::Nice,
+            prefix: String::new(),
         }
+    }
+
+    /// cgroup v1 only: tenant groups directly inside `parent` (a path below the cpu hierarchy's
+    /// mount, e.g. `kubepods`), as siblings of the pods there, named `<group>-<pid>-<tenant>`.
+    /// A light tenant then keeps its own scheduling lag instead of sharing one with every busy
+    /// tenant of the daemon's group. cgroup v2 cannot move threads out of the daemon's own
+    /// subtree, so there this is an error.
+    pub fn v1_flat(parent: &Path, group: &str) -> io::Result<Self> {
+        let root = v1_root()?;
+        let base = root.join(parent.strip_prefix("/").unwrap_or(parent));
+        if !base.join("cpu.shares").exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a cgroup v1 cpu group", base.display()),
+            ));
+        }
+        let prefix = format!("{group}-{}-", std::process::id());
+        remove_stale_flat(&base, group);
+        tracing::info!(mechanism = "cgroup-v1", parent = %base.display(), "tenant CPU groups beside the pods");
+        Ok(Self {
+            mechanism: Mechanism::CgroupV1(base),
+            prefix,
+        })
     }
 
     /// Picks the best writable mechanism: cgroup v2, then v1, then nice. `group` names our
@@ -86,7 +114,10 @@ impl CpuControl {
                 Mechanism::Nice
             });
         tracing::info!(mechanism = mechanism.name(), "tenant CPU share mechanism");
-        Self { mechanism }
+        Self {
+            mechanism,
+            prefix: String::new(),
+        }
     }
 
     /// The mechanism in force.
@@ -99,7 +130,7 @@ impl CpuControl {
         let weight = weight.clamp(1, 10_000);
         match &self.mechanism {
             Mechanism::CgroupV2(base) => {
-                let dir = base.join(slug);
+                let dir = base.join(format!("{}{slug}", self.prefix));
                 ensure_dir(&dir)?;
                 // Children of a threaded root must be threaded before threads can join.
                 if fs::read_to_string(dir.join("cgroup.type"))?.trim() != "threaded" {
@@ -109,7 +140,7 @@ impl CpuControl {
                 fs::write(dir.join("cgroup.threads"), tid.to_string())
             }
             Mechanism::CgroupV1(base) => {
-                let dir = base.join(slug);
+                let dir = base.join(format!("{}{slug}", self.prefix));
                 ensure_dir(&dir)?;
                 fs::write(dir.join("cpu.shares"), v1_shares(weight).to_string())?;
                 fs::write(dir.join("tasks"), tid.to_string())
@@ -122,18 +153,51 @@ impl CpuControl {
     /// Removes tenant `slug`'s group once its threads are gone (best effort).
     pub fn remove(&self, slug: &str) {
         if let Mechanism::CgroupV1(base) | Mechanism::CgroupV2(base) = &self.mechanism {
-            let _ = fs::remove_dir(base.join(slug));
+            let _ = fs::remove_dir(base.join(format!("{}{slug}", self.prefix)));
         }
     }
 
     /// Removes this process's whole subtree (best effort; at shutdown, after the pools).
     pub fn cleanup(&self) {
-        if let Mechanism::CgroupV1(base) | Mechanism::CgroupV2(base) = &self.mechanism {
-            remove_tree(base);
-            // The shared parent goes too once no other daemon uses it.
-            if let Some(parent) = base.parent() {
-                let _ = fs::remove_dir(parent);
+        let (Mechanism::CgroupV1(base) | Mechanism::CgroupV2(base)) = &self.mechanism else {
+            return;
+        };
+        if !self.prefix.is_empty() {
+            // Flat groups in a shared parent: only ours.
+            if let Ok(entries) = fs::read_dir(base) {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                        remove_tree(&e.path());
+                    }
+                }
             }
+            return;
+        }
+        remove_tree(base);
+        // The shared parent goes too once no other daemon uses it.
+        if let Some(parent) = base.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Removes flat groups `<group>-<pid>-*` of daemons that are gone.
+fn remove_stale_flat(base: &Path, group: &str) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    let head = format!("{group}-");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&head)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            remove_tree(&e.path());
         }
     }
 }
@@ -247,12 +311,17 @@ fn detect_v2(group: &str) -> io::Result<PathBuf> {
     Ok(base)
 }
 
-fn detect_v1(group: &str) -> io::Result<PathBuf> {
-    let root = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+/// The mount point of the cgroup v1 cpu hierarchy.
+fn v1_root() -> io::Result<&'static Path> {
+    ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
         .into_iter()
         .map(Path::new)
         .find(|p| p.join("cpu.shares").exists())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup v1 cpu hierarchy"))?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup v1 cpu hierarchy"))
+}
+
+fn detect_v1(group: &str) -> io::Result<PathBuf> {
+    let root = v1_root()?;
     let own = root.join(own_cgroup(Some("cpu"))?);
     let base = own.join(group);
     ensure_tree(&own, &base)?;

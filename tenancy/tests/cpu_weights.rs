@@ -31,7 +31,37 @@ fn saturated_tenants_split_cpu_by_weight() {
     if !privileged() {
         return;
     }
-    let cpu = CpuControl::detect("nodeproxy-test");
+    split_by_weight(CpuControl::detect("nodeproxy-test"));
+}
+
+/// The same with tenant groups flat in a parent group of their own (`--cgroup-parent`), where
+/// the host has a cgroup v1 cpu hierarchy (this machine kind does).
+#[test]
+fn flat_tenant_groups_split_cpu_by_weight() {
+    if !privileged() {
+        return;
+    }
+    let root = std::path::Path::new("/sys/fs/cgroup/cpu");
+    if !root.join("cpu.shares").exists() {
+        eprintln!("skipping: no cgroup v1 cpu hierarchy on this host (flat groups are v1 only)");
+        return;
+    }
+    let parent = format!("nodeproxy-flat-test-{}", std::process::id());
+    std::fs::create_dir_all(root.join(&parent)).unwrap();
+    let cpu = CpuControl::v1_flat(std::path::Path::new(&parent), "np").unwrap();
+    split_by_weight(cpu);
+    // Our groups are gone after shutdown; only the parent the test made is left to remove.
+    let left: Vec<_> = std::fs::read_dir(root.join(&parent))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    std::fs::remove_dir(root.join(&parent)).unwrap();
+    assert!(left.is_empty(), "tenant groups left behind: {left:?}");
+}
+
+fn split_by_weight(cpu: CpuControl) {
     eprintln!("mechanism: {:?}", cpu.mechanism());
     assert!(
         !matches!(cpu.mechanism(), Mechanism::None),
