@@ -182,7 +182,9 @@ fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
             .args(["list", "set", "inet", "nodeproxy", "meshed_v4"])
             .output()
             .ok()?;
-        String::from_utf8_lossy(&out.stdout).contains(&pod3).then_some(())
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&pod3)
+            .then_some(())
     });
     assert_eq!(
         tcp_roundtrip(topo.pod(3), None, to_b4, b"meshed").unwrap(),

@@ -367,24 +367,32 @@ impl PodCgroups {
         let bin = nodeproxy_bin();
         let script = format!("echo $$ > {} && exec \"$0\" \"$@\"", procs.display());
         let view = view.to_str().context("utf-8 path")?;
-        Daemon::start_program(
-            topo.node(),
-            "sh",
-            &[
-                "-c",
-                &script,
-                bin.to_str().context("utf-8 path")?,
-                "run",
-                "--config",
-                view,
-                "--node",
-                "n1",
-                "--log",
-                "warn",
-                "--isolation",
-                isolation,
-            ],
-        )
+        let mut args = vec![
+            "-c".to_owned(),
+            script,
+            bin.to_str().context("utf-8 path")?.to_owned(),
+            "run".into(),
+            "--config".into(),
+            view.into(),
+            "--node".into(),
+            "n1".into(),
+            "--log".into(),
+            "warn".into(),
+            "--isolation".into(),
+            isolation.into(),
+        ];
+        // TENANT_GROUPS=flat (default on cgroup v1): tenant groups beside the pods, as
+        // `--cgroup-parent` puts them; `nested`: under the daemon's own group.
+        let flat = !self.v2 && std::env::var("TENANT_GROUPS").as_deref() != Ok("nested");
+        if flat {
+            let parent = self
+                .root
+                .strip_prefix("/sys/fs/cgroup/cpu")
+                .unwrap_or(&self.root);
+            args.extend(["--cgroup-parent".to_owned(), parent.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_program(topo.node(), "sh", &args)
     }
 }
 
@@ -404,6 +412,12 @@ impl Drop for PodCgroups {
                     }
                 }
                 std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // Flat tenant groups left by a killed daemon.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                remove_tree(&e.path());
             }
         }
         let _ = std::fs::remove_dir(&self.root);
