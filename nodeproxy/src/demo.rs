@@ -178,8 +178,8 @@ fn print_table(tenants_json: &str, metrics_text: &str) -> anyhow::Result<()> {
     let sum =
         |name: &str, tenant: &str| admin_client::metric_sum(&scrape, name, &[("tenant", tenant)]);
     println!(
-        "  {:<44} {:<18} {:>6} {:>12} {:>12}",
-        "tenant", "pods", "conns", "from pods", "to pods"
+        "  {:<44} {:<18} {:>6} {:>12} {:>12} {:>7} {:>9}",
+        "tenant", "pods", "conns", "from pods", "to pods", "weight", "cpu ms"
     );
     for t in tenants.as_array().into_iter().flatten() {
         let id = t["tenant"].as_str().unwrap_or_default();
@@ -190,12 +190,21 @@ fn print_table(tenants_json: &str, metrics_text: &str) -> anyhow::Result<()> {
             .filter_map(|p| p["pod"].as_str())
             .collect();
         println!(
-            "  {:<44} {:<18} {:>6} {:>12} {:>12}",
+            "  {:<44} {:<18} {:>6} {:>12} {:>12} {:>7} {:>9.1}",
             id,
             pods.join(","),
             sum(crate::metrics::TCP_OPEN_TOTAL, id),
             human(sum(crate::metrics::TCP_READ_BYTES_TOTAL, id)),
             human(sum(crate::metrics::TCP_WRITE_BYTES_TOTAL, id)),
+            t["weight"].as_u64().unwrap_or_default(),
+            t["cpu_seconds"].as_f64().unwrap_or_default() * 1000.0,
+        );
+    }
+    if let Some(t) = tenants.as_array().and_then(|a| a.first()) {
+        println!(
+            "  each tenant runs on a thread of its own ({}), CPU-weighted by {}",
+            t["isolation"].as_str().unwrap_or("?"),
+            t["cpu_share"].as_str().unwrap_or("?")
         );
     }
     let refused = admin_client::metric_sum(&scrape, crate::metrics::TCP_REFUSED_TOTAL, &[]);
