@@ -29,7 +29,12 @@ spec: {serviceAccountName: bulk, nodeName: n1, containers: [{name: c, image: i}]
 status: {phase: Running, podIP: 10.200.3.2}\n";
 
 const SOCKPERF_PORT: u16 = 11111;
+/// The connection-rate echo server listens on `ECHO_PORTS` ports from `ECHO_PORT`; every
+/// measurement dials a fresh one, so TIME_WAIT and conntrack entries of earlier rounds (tens of
+/// thousands of connections) never collide with new ones and slow the later rounds.
 const ECHO_PORT: u16 = 7000;
+const ECHO_PORTS: u16 = 64;
+static NEXT_ECHO: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -227,7 +232,9 @@ fn measure_victim(
             .with_context(|| format!("no percentile {p} in sockperf output:\n{text}"))
     };
     let (p99_us, p50_us) = (pct("99.000")?, pct("50.000")?);
-    let addr = SocketAddr::from((topo.pod_ip(2), ECHO_PORT)).to_string();
+    let port =
+        ECHO_PORT + NEXT_ECHO.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ECHO_PORTS;
+    let addr = SocketAddr::from((topo.pod_ip(2), port)).to_string();
     let out = cg
         .command(
             "pod1",
@@ -253,15 +260,28 @@ fn measure_victim(
     })
 }
 
-/// Helper role: echo one message per connection (the victim's connection-rate server).
+/// Helper role: echo one message per connection (the victim's connection-rate server), on
+/// `ECHO_PORTS` ports from `port`, one thread each.
 fn echo_server(port: u16) -> anyhow::Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", port))?;
-    for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
-        let mut buf = [0u8; 64];
-        if let Ok(n) = s.read(&mut buf) {
-            let _ = s.write_all(&buf[..n]);
-        }
+    let listeners = (0..ECHO_PORTS)
+        .map(|i| TcpListener::bind(("0.0.0.0", port + i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    let Ok(mut s) = s else { continue };
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = s.read(&mut buf) {
+                        let _ = s.write_all(&buf[..n]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
     }
     Ok(())
 }
@@ -322,11 +342,19 @@ impl PodCgroups {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "{} ({})",
-            self.root.display(),
-            if self.v2 { "v2" } else { "v1" }
-        )
+        let groups = if self.flat() {
+            "tenant groups beside the pods"
+        } else {
+            "tenant groups under the daemon's group"
+        };
+        let v = if self.v2 { "v2" } else { "v1" };
+        format!("{} ({v}, {groups})", self.root.display())
+    }
+
+    /// TENANT_GROUPS=flat (default on cgroup v1): tenant groups beside the pods, as
+    /// `--cgroup-parent` puts them; `nested`: under the daemon's own group.
+    fn flat(&self) -> bool {
+        !self.v2 && std::env::var("TENANT_GROUPS").as_deref() != Ok("nested")
     }
 
     /// A command that runs `program` in `ns`, first moving itself into cgroup `group`.
@@ -381,10 +409,7 @@ impl PodCgroups {
             "--isolation".into(),
             isolation.into(),
         ];
-        // TENANT_GROUPS=flat (default on cgroup v1): tenant groups beside the pods, as
-        // `--cgroup-parent` puts them; `nested`: under the daemon's own group.
-        let flat = !self.v2 && std::env::var("TENANT_GROUPS").as_deref() != Ok("nested");
-        if flat {
+        if self.flat() {
             let parent = self
                 .root
                 .strip_prefix("/sys/fs/cgroup/cpu")
