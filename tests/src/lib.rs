@@ -19,6 +19,24 @@ pub use daemon::{Daemon, http_get};
 pub use net::{EchoServer, Seen, tcp_connect, tcp_echo_server, tcp_roundtrip};
 pub use nodeproxy::lab::topology::{Netns, Topology, TopologyError, TopologySpec};
 
+/// Benchmarks only: one iperf3 single-stream run from inside `ns` to an `iperf3 -s` at
+/// `server`, for `secs` seconds; the received bits per second.
+pub fn iperf3_bps(ns: &Netns, server: std::net::IpAddr, secs: u32) -> anyhow::Result<f64> {
+    use anyhow::Context as _;
+    let out = ns
+        .command("iperf3")
+        .args(["-c", &server.to_string(), "-t", &secs.to_string(), "-J"])
+        .output()
+        .context("run iperf3 -c (install iperf3)")?;
+    if !out.status.success() {
+        anyhow::bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received.bits_per_second")
+}
+
 use nodeproxy::lab::topology::{is_root, which};
 
 /// True if this test can use network namespaces and nftables: we are root and `ip` and `nft`

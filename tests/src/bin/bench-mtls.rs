@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nodeproxy::lab::twonode::{Side, TwoNodes};
-use nodeproxy_tests::{Daemon, nodeproxy_bin, tcp_echo_server, unique_prefix};
+use nodeproxy_tests::{Daemon, iperf3_bps, nodeproxy_bin, tcp_echo_server, unique_prefix};
 
 fn view(t: &TwoNodes) -> String {
     let pod = |name: &str, node: &str, side: Side| {
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     let (mut direct_bw, mut mtls_bw, mut direct_cps, mut mtls_cps) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let d = iperf(&topo, secs)?;
+        let d = iperf3_bps(&topo.pod(Side::A, 1), topo.pod_ip(Side::B, 1).into(), secs)?;
         let dc = conn_rate(&topo, 9000 + 2 * round as u16, secs)?;
         eprintln!(
             "round {round}/{rounds}: direct {:6.2} Gbit/s {dc:8.0} conn/s",
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         };
         let mut a = start(Side::A, "node-a")?;
         let mut b = start(Side::B, "node-b")?;
-        let p = iperf(&topo, secs)?;
+        let p = iperf3_bps(&topo.pod(Side::A, 1), topo.pod_ip(Side::B, 1).into(), secs)?;
         let pc = conn_rate(&topo, 9001 + 2 * round as u16, secs)?;
         let handshakes = nodeproxy::admin_client::metric_sum(
             &b.metrics()?,
@@ -136,29 +136,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// One iperf3 single-stream run from pod a1 to pod b1; received bits per second.
-fn iperf(topo: &TwoNodes, secs: u32) -> anyhow::Result<f64> {
-    let out = topo
-        .pod(Side::A, 1)
-        .command("iperf3")
-        .args([
-            "-c",
-            &topo.pod_ip(Side::B, 1).to_string(),
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-        .output()
-        .context("run iperf3 -c")?;
-    if !out.status.success() {
-        bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON without end.sum_received.bits_per_second")
 }
 
 /// Sequential new connections per second from pod a1 to `to` for `secs` seconds: connect,

@@ -3,11 +3,10 @@
 //!
 //! Run it with `scripts/bench-relay.sh` (release build, root). Needs iperf3, ip and nft.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use nodeproxy_tests::{Daemon, Topology, TopologySpec, nodeproxy_bin, unique_prefix};
+use nodeproxy_tests::{Daemon, Topology, TopologySpec, iperf3_bps, nodeproxy_bin, unique_prefix};
 
 const VIEW: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {nodeproxy.io/mesh: enabled}}\n\
 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: bench}\n\
@@ -50,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     let mut direct = Vec::new();
     let mut proxied = Vec::new();
     for round in 1..=rounds {
-        let d = iperf(&topo, secs)?;
+        let d = iperf3_bps(topo.pod(1), topo.pod_ip(2).into(), secs)?;
         eprintln!("round {round}/{rounds}: direct  {:6.2} Gbit/s", d / 1e9);
         direct.push(d);
         let mut daemon = Daemon::start(
@@ -66,7 +65,7 @@ fn main() -> anyhow::Result<()> {
             ],
         )?;
         daemon.wait_ready(Duration::from_secs(20))?;
-        let p = iperf(&topo, secs)?;
+        let p = iperf3_bps(topo.pod(1), topo.pod_ip(2).into(), secs)?;
         let opened = nodeproxy::admin_client::metric_sum(
             &daemon.metrics()?,
             nodeproxy::metrics::TCP_OPEN_TOTAL,
@@ -87,24 +86,6 @@ fn main() -> anyhow::Result<()> {
     );
     println!("relay_throughput_ratio={:.3}", p / d);
     Ok(())
-}
-
-/// One iperf3 single-stream run from pod 1 to pod 2; received bits per second.
-fn iperf(topo: &Topology, secs: u32) -> anyhow::Result<f64> {
-    let to = SocketAddr::from((topo.pod_ip(2), 5201));
-    let out = topo
-        .pod(1)
-        .command("iperf3")
-        .args(["-c", &to.ip().to_string(), "-t", &secs.to_string(), "-J"])
-        .output()
-        .context("run iperf3 -c")?;
-    if !out.status.success() {
-        bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON without end.sum_received.bits_per_second")
 }
 
 fn median(v: &mut [f64]) -> f64 {
