@@ -101,22 +101,28 @@ fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
     admin_client::parse_metrics(&text).unwrap()
 }
 
-#[test]
-fn relays_per_tenant_and_refuses_unknown_sources() {
+/// Starts the daemon on loopback with `view`, every captured connection going to a fresh echo
+/// server; returns once it is ready. Keep the directory alive as long as the daemon.
+fn start_with_echo(view: &str) -> (tempfile::TempDir, app::Running) {
     let dir = tempfile::tempdir().unwrap();
-    let view = dir.path().join("view.yaml");
-    std::fs::write(&view, VIEW).unwrap();
-    let echo = echo_server();
-    let mut running = app::start(
-        config(&view),
+    let file = dir.path().join("view.yaml");
+    std::fs::write(&file, view).unwrap();
+    let running = app::start(
+        config(&file),
         StartOptions {
-            orig_dst: OrigDst::Fixed(echo),
+            orig_dst: OrigDst::Fixed(echo_server()),
         },
     )
     .unwrap();
+    admin_client::wait_ok(running.admin_addr, "/ready", Duration::from_secs(5)).unwrap();
+    (dir, running)
+}
+
+#[test]
+fn relays_per_tenant_and_refuses_unknown_sources() {
+    let (_dir, mut running) = start_with_echo(VIEW);
     let proxy = running.outbound_addrs[0];
     let (admin, metrics) = (running.admin_addr, running.metrics_addr);
-    admin_client::wait_ok(admin, "/ready", Duration::from_secs(5)).unwrap();
 
     // Tenant web: 3 connections of 100 KiB each, echoed intact.
     let payload: Vec<u8> = (0..100 * 1024).map(|i| (i % 253) as u8).collect();
@@ -262,23 +268,13 @@ fn a_bad_view_file_names_every_problem() {
 /// daemon is not touched.
 #[test]
 fn a_tenant_over_its_limit_is_shed_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let view = dir.path().join("view.yaml");
     let policy = "---\napiVersion: nodeproxy.io/v1alpha1\nkind: TenantPolicy\n\
                   metadata: {name: web, namespace: limits}\n\
                   spec: {serviceAccount: web, weight: 300, limits: {maxConnections: 2}}\n";
     // Its own namespace: metrics are process-wide and the other tests count `shop`'s tenants.
-    std::fs::write(&view, format!("{}{policy}", VIEW.replace("shop", "limits"))).unwrap();
-    let echo = echo_server();
-    let mut running = app::start(
-        config(&view),
-        StartOptions {
-            orig_dst: OrigDst::Fixed(echo),
-        },
-    )
-    .unwrap();
+    let (_dir, mut running) =
+        start_with_echo(&format!("{}{policy}", VIEW.replace("shop", "limits")));
     let proxy = running.outbound_addrs[0];
-    admin_client::wait_ok(running.admin_addr, "/ready", Duration::from_secs(5)).unwrap();
 
     // web holds two open connections: its limit.
     let open = |src: &str| {
