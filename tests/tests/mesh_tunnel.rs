@@ -103,6 +103,19 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// An echo server on pod B1's port 8080, and the address pod A1 dials to reach it.
+fn echo_on_b(topo: &TwoNodes) -> (nodeproxy_tests::EchoServer, SocketAddr) {
+    let server = tcp_echo_server(
+        &topo.pod(Side::B, 1),
+        SocketAddr::from(([0, 0, 0, 0], 8080)),
+    )
+    .unwrap();
+    (
+        server,
+        SocketAddr::new(topo.pod_ip(Side::B, 1).into(), 8080),
+    )
+}
+
 fn no_key_material(what: &str, text: &str) {
     assert!(
         !text.contains("PRIVATE KEY"),
@@ -116,12 +129,7 @@ fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
         return;
     }
     let m = start_mesh("mt", 3600);
-    let server = tcp_echo_server(
-        &m.topo.pod(Side::B, 1),
-        SocketAddr::from(([0, 0, 0, 0], 8080)),
-    )
-    .unwrap();
-    let to_b = SocketAddr::new(m.topo.pod_ip(Side::B, 1).into(), 8080);
+    let (server, to_b) = echo_on_b(&m.topo);
     let payload: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
     for _ in 0..3 {
         let reply = tcp_roundtrip(&m.topo.pod(Side::A, 1), None, to_b, &payload).unwrap();
@@ -348,12 +356,7 @@ fn certificates_rotate_under_continuous_traffic_without_failures() {
         return;
     }
     let m = start_mesh("mo", 4);
-    let _server = tcp_echo_server(
-        &m.topo.pod(Side::B, 1),
-        SocketAddr::from(([0, 0, 0, 0], 8080)),
-    )
-    .unwrap();
-    let to_b = SocketAddr::new(m.topo.pod_ip(Side::B, 1).into(), 8080);
+    let (_server, to_b) = echo_on_b(&m.topo);
     let expiry = |d: &Daemon, tenant: &str| {
         d.metrics()
             .map(|s| {
@@ -538,12 +541,7 @@ fn tunnel_certificates_come_from_the_control_planes_node_authorizing_ca() {
     };
     let a = start(Side::A, "node-a", "token-of-node-a-0123456789");
     let b = start(Side::B, "node-b", "token-of-node-b-0123456789");
-    let _server = tcp_echo_server(
-        &topo.pod(Side::B, 1),
-        SocketAddr::from(([0, 0, 0, 0], 8080)),
-    )
-    .unwrap();
-    let to_b = SocketAddr::new(topo.pod_ip(Side::B, 1).into(), 8080);
+    let (_server, to_b) = echo_on_b(&topo);
     let reply = tcp_roundtrip(&topo.pod(Side::A, 1), None, to_b, b"via the control plane").unwrap();
     assert_eq!(reply, b"via the control plane");
     let mb = poll(
