@@ -82,7 +82,12 @@ impl Rules {
     }
 
     fn rule_set(&self, snap: &Snapshot) -> redirect::RuleSet {
-        redirect::RuleSet::new(self.table.clone(), self.port).with_pods(snap.meshed_ips())
+        self.empty_rule_set().with_pods(snap.meshed_ips())
+    }
+
+    fn empty_rule_set(&self) -> redirect::RuleSet {
+        redirect::RuleSet::new(self.table.clone(), self.port)
+            .with_capture(redirect::Capture::Redirect)
     }
 }
 
@@ -348,7 +353,7 @@ impl Running {
     pub fn shutdown(&mut self) {
         self.state.readiness.set_shutting_down();
         if let Some(rules) = self.rules.take() {
-            match rules.nft.remove(&rules.table) {
+            match rules.nft.remove(&rules.empty_rule_set()) {
                 Ok(()) => tracing::info!(table = %rules.table, "capture rules removed"),
                 Err(e) => tracing::error!(error = %e, "cannot remove the capture rules"),
             }

@@ -111,8 +111,9 @@ fn rules(args: RunArgs) -> anyhow::Result<()> {
     };
     let port = std::num::NonZeroU16::new(config.outbound_port())
         .context("the redirect port must not be 0")?;
-    let set =
-        redirect::RuleSet::new(redirect::TableName::new(table)?, port).with_pods(snap.meshed_ips());
+    let set = redirect::RuleSet::new(redirect::TableName::new(table)?, port)
+        .with_capture(redirect::Capture::Redirect)
+        .with_pods(snap.meshed_ips());
     print!("{}", redirect::render(&set));
     Ok(())
 }

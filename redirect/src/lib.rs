@@ -1,24 +1,36 @@
-//! `redirect` owns the node's nftables rule set that captures TCP from meshed pods entering the
-//! node (hook prerouting) and redirects it to the proxy's outbound port (default 15001).
+//! `redirect` owns the node's capture rules: the nftables table that captures TCP from meshed
+//! pods entering the node (hook prerouting) and delivers it to the proxy's outbound port (default
+//! 15001), and, with TPROXY (the default), the policy routing (`ip rule` + `ip route`) that
+//! delivers the marked packets locally. REDIRECT (a nat chain) remains as [`Capture::Redirect`].
 //!
-//! It is split into *decide, then act*: [`RuleSet`] is a plain value, [`render`] and
-//! [`render_update`] turn it into native `nft` scripts without I/O, [`verify_listing`] compares a
-//! `nft -j list table` listing with a [`RuleSet`] without I/O, and [`Nft`] is the only type that
-//! runs the `nft` binary. Pods come and go by updating set elements, never by reloading the table.
+//! It is split into *decide, then act*: [`RuleSet`] is a plain value; [`render`] and
+//! [`render_update`] turn it into native `nft` scripts without I/O; [`routing_commands`],
+//! [`plan_routing`] and [`plan_routing_removal`] turn it (and a listing of what the kernel has)
+//! into `ip` commands without I/O; [`verify_listing`] and [`routing_differences`] compare
+//! listings with a [`RuleSet`] without I/O; and [`Nft`] is the only type that runs binaries (`nft`
+//! and `ip`, through one runner). Pods come and go by updating set elements, never by reloading
+//! the table.
 //!
 //! This crate must not touch sockets, tenancy, Kubernetes or the environment: other crates pass it
 //! typed values, and it reads nothing from `NODEPROXY_*`.
 
+mod exec;
 mod nft;
 mod render;
+mod routing;
 mod spec;
 mod verify;
 
 pub use nft::Nft;
 pub use render::{render, render_remove, render_update};
+pub use routing::{
+    Family, FamilyListing, IpCommand, RoutingListing, plan_routing, plan_routing_removal,
+    routing_commands, routing_differences,
+};
 pub use spec::{
-    CHAIN_NAME, CHAIN_PRIORITY, CHAIN_PRIORITY_TEXT, DEFAULT_REDIRECT_PORT, DEFAULT_TABLE_NAME,
-    RuleSet, SET_V4, SET_V6, TableName,
+    CHAIN_NAME, Capture, DEFAULT_REDIRECT_PORT, DEFAULT_ROUTE_TABLE, DEFAULT_TABLE_NAME,
+    DEFAULT_TPROXY_MARK, PolicyRouting, REDIRECT_CHAIN_PRIORITY, RULE_PRIORITY, RouteTable,
+    RuleSet, SET_V4, SET_V6, TPROXY_CHAIN_PRIORITY, TableName,
 };
 pub use verify::verify_listing;
 
@@ -39,7 +51,19 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A binary we need (`nft`, or `ip` for network namespaces) is not installed.
+    /// A routing table id that the kernel reserves (or 0).
+    #[error(
+        "invalid routing table {id} for the TPROXY policy routing: {reason}; pick an unused table id such as 15001"
+    )]
+    InvalidRouteTable {
+        /// The rejected id.
+        id: u32,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// A binary we need (`nft`, or `ip` for policy routing and network namespaces) is not
+    /// installed.
     #[error("{program} binary not found at {path}: install {package} (apt-get install {package})")]
     NotFound {
         /// The program's short name (`nft`, `ip`).
@@ -73,6 +97,26 @@ pub enum Error {
         stderr: String,
     },
 
+    /// `ip` ran and refused a policy routing command; `stderr` is its own explanation.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    IpRejected {
+        /// The command line (without a namespace prefix).
+        command: String,
+        /// ip's exit status.
+        status: ExitStatus,
+        /// ip's standard error, trimmed.
+        stderr: String,
+    },
+
+    /// `ip -j` printed something that is not the JSON we expect.
+    #[error("could not parse the output of `{command}`: {detail}")]
+    ParseRouting {
+        /// The command line.
+        command: String,
+        /// What was wrong with the JSON.
+        detail: String,
+    },
+
     /// `nft -j` printed something that is not the JSON we expect.
     #[error("could not parse `nft -j list` output for table inet {table}: {detail}")]
     ParseListing {
@@ -82,8 +126,9 @@ pub enum Error {
         detail: String,
     },
 
-    /// The table in the kernel differs from the expected rule set.
-    #[error("table inet {table} differs from the expected rule set: {}; re-apply it with `Nft::apply`", differences.join("; "))]
+    /// The table (or, with TPROXY, its policy routing) in the kernel differs from the expected
+    /// rule set.
+    #[error("the capture rules of table inet {table} differ from the expected rule set: {}; re-apply them with `Nft::apply`", differences.join("; "))]
     Mismatch {
         /// The table concerned.
         table: String,

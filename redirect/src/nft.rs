@@ -1,72 +1,63 @@
-//! [`Nft`]: the only place that runs the `nft` binary (optionally inside a network namespace via
-//! `ip netns exec`). It feeds scripts from `render` on stdin, captures stderr into errors and
-//! hands `nft -j` listings to `verify`. Blocking by design: async callers use `spawn_blocking`.
+//! [`Nft`]: applies, verifies, updates and removes the capture rules: the nftables table and,
+//! with TPROXY, its policy routing. It runs `nft` and `ip` through [`crate::exec::Runner`] (the
+//! one place that starts binaries), feeds scripts from `render` on stdin, reads listings for
+//! `verify` and `routing`, and turns failures into [`Error`]s. Blocking by design: async callers
+//! use `spawn_blocking`.
 
-use std::ffi::OsString;
-use std::io::{ErrorKind, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use serde_json::Value;
 
+use crate::exec::{Program, RunError, Runner, find_program};
 use crate::render::{render, render_remove, render_update};
-use crate::spec::{RuleSet, TableName};
+use crate::routing::{
+    Family, FamilyListing, IpCommand, RoutingListing, plan_routing, plan_routing_removal,
+    routing_differences,
+};
+use crate::spec::{Capture, PolicyRouting, RuleSet, TableName};
 use crate::verify::verify_listing;
 use crate::{Error, Result};
 
-/// Directories searched after `PATH`, since nft lives in sbin and non-root `PATH`s often lack it.
-const SBIN_DIRS: &[&str] = &["/usr/sbin", "/sbin"];
-
-/// Runs `nft` to check, apply, update, verify and remove the capture table.
+/// Runs `nft` (and `ip` for TPROXY's policy routing) to check, apply, update, verify and remove
+/// the capture rules.
 #[derive(Debug, Clone)]
 pub struct Nft {
-    nft: PathBuf,
-    /// `ip` binary and namespace name, when nft runs inside a network namespace.
-    netns: Option<(PathBuf, String)>,
+    runner: Runner,
 }
 
 impl Nft {
-    /// Finds `nft` on `PATH` (then `/usr/sbin`, `/sbin`).
+    /// Finds `nft` on `PATH` (then `/usr/sbin`, `/sbin`); `ip` is looked up the same way.
     pub fn new() -> Result<Self> {
-        let nft = find_program("nft").ok_or(Error::NotFound {
-            program: "nft",
-            path: "PATH".to_owned(),
-            package: "nftables",
-        })?;
+        let nft = find_program("nft").ok_or_else(|| Program::Nft.not_found("PATH"))?;
         Ok(Self::with_path(nft))
     }
 
     /// Uses the `nft` binary at `path`; a missing binary is reported when a command runs.
     pub fn with_path(path: impl Into<PathBuf>) -> Self {
         Self {
-            nft: path.into(),
-            netns: None,
+            runner: Runner::new(path.into()),
         }
     }
 
-    /// Runs every command as `ip netns exec <netns> nft ...`, for tests that must not touch the
-    /// host's ruleset. `ip` is looked up on `PATH` (then `/usr/sbin`, `/sbin`).
+    /// Runs every command inside the network namespace `netns` (`ip netns exec <netns> nft ...`,
+    /// `ip -n <netns> ...`), for tests that must not touch the host's ruleset. `ip` is looked up
+    /// on `PATH` (then `/usr/sbin`, `/sbin`).
     pub fn in_netns(self, netns: impl Into<String>) -> Result<Self> {
-        let ip = find_program("ip").ok_or(Error::NotFound {
-            program: "ip",
-            path: "PATH".to_owned(),
-            package: "iproute2",
-        })?;
         Ok(Self {
-            netns: Some((ip, netns.into())),
-            ..self
+            runner: self.runner.in_netns(netns.into())?,
         })
     }
 
     /// The `nft` binary this runs.
     pub fn path(&self) -> &Path {
-        &self.nft
+        self.runner.nft()
     }
 
     /// Asks nft whether the rendered rule set would load (`nft -c -f -`), changing nothing.
     pub fn check(&self, rules: &RuleSet) -> Result<()> {
-        self.run(
+        self.nft(
             "check",
             &rules.table,
             &["-c", "-f", "-"],
@@ -75,16 +66,27 @@ impl Nft {
         .map(drop)
     }
 
-    /// Creates the table or atomically replaces it with `rules` (`nft -f -`, one transaction).
+    /// Installs `rules`: with TPROXY, first the policy routing (harmless without marked packets),
+    /// then the table, created or atomically replaced in one `nft -f` transaction. Leftovers of a
+    /// crashed run are replaced, never duplicated; with REDIRECT, the policy routing a TPROXY run
+    /// may have left is removed.
     pub fn apply(&self, rules: &RuleSet) -> Result<()> {
         tracing::debug!(
             table = %rules.table,
+            capture = %rules.capture,
             port = rules.redirect_port.get(),
             v4 = rules.meshed_v4.len(),
             v6 = rules.meshed_v6.len(),
-            "applying nftables rule set"
+            "applying capture rules"
         );
-        self.run("apply", &rules.table, &["-f", "-"], Some(&render(rules)))
+        match rules.capture {
+            Capture::Tproxy => {
+                let current = self.routing_listing(&rules.routing)?;
+                self.run_ip_all(&plan_routing(&rules.routing, &current))?;
+            }
+            Capture::Redirect => self.remove_routing(&rules.routing, true)?,
+        }
+        self.nft("apply", &rules.table, &["-f", "-"], Some(&render(rules)))
             .map(drop)
     }
 
@@ -95,39 +97,63 @@ impl Nft {
             return Ok(());
         };
         tracing::debug!(%table, added = added.len(), removed = removed.len(), "updating meshed sets");
-        self.run("update", table, &["-f", "-"], Some(&script))
+        self.nft("update", table, &["-f", "-"], Some(&script))
             .map(drop)
     }
 
-    /// Checks that the table in the kernel matches `rules` exactly (see [`verify_listing`]).
+    /// Checks that the table in the kernel matches `rules` exactly (see [`verify_listing`]) and,
+    /// with TPROXY, that the policy routing does (see [`routing_differences`]); every difference
+    /// is reported in one [`Error::Mismatch`].
     pub fn verify(&self, rules: &RuleSet) -> Result<()> {
-        if !self.exists(&rules.table)? {
-            return Err(Error::Mismatch {
-                table: rules.table.to_string(),
-                differences: vec!["the table does not exist".to_owned()],
-            });
+        let mut differences = if self.exists(&rules.table)? {
+            let table = rules.table.as_str();
+            let output = self.nft(
+                "list",
+                &rules.table,
+                &["-j", "list", "table", "inet", table],
+                None,
+            )?;
+            match verify_listing(rules, &String::from_utf8_lossy(&output.stdout)) {
+                Ok(()) => Vec::new(),
+                Err(Error::Mismatch { differences, .. }) => differences,
+                Err(other) => return Err(other),
+            }
+        } else {
+            vec!["the table does not exist".to_owned()]
+        };
+        if let Some(routing) = rules.policy_routing() {
+            differences.extend(routing_differences(
+                routing,
+                &self.routing_listing(routing)?,
+            ));
         }
-        let table = rules.table.as_str();
-        let output = self.run(
-            "list",
-            &rules.table,
-            &["-j", "list", "table", "inet", table],
-            None,
-        )?;
-        verify_listing(rules, &String::from_utf8_lossy(&output.stdout))
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Mismatch {
+                table: rules.table.to_string(),
+                differences,
+            })
+        }
     }
 
-    /// Deletes the table; succeeds if it does not exist, so it is safe both at startup (to clean up
-    /// after a crashed run) and at shutdown.
-    pub fn remove(&self, table: &TableName) -> Result<()> {
-        tracing::debug!(%table, "removing nftables table");
-        self.run("remove", table, &["-f", "-"], Some(&render_remove(table)))
-            .map(drop)
+    /// Deletes the table, then every rule looking up the policy routing's table and every route
+    /// in it; succeeds if none of it exists, so it is safe both at startup (to clean up after a
+    /// crashed run) and at shutdown.
+    pub fn remove(&self, rules: &RuleSet) -> Result<()> {
+        tracing::debug!(table = %rules.table, "removing capture rules");
+        self.nft(
+            "remove",
+            &rules.table,
+            &["-f", "-"],
+            Some(&render_remove(&rules.table)),
+        )?;
+        self.remove_routing(&rules.routing, rules.capture == Capture::Redirect)
     }
 
     /// Whether the `inet` table exists.
     pub fn exists(&self, table: &TableName) -> Result<bool> {
-        let output = self.run("list", table, &["-j", "list", "tables", "inet"], None)?;
+        let output = self.nft("list", table, &["-j", "list", "tables", "inet"], None)?;
         let root: Value =
             serde_json::from_slice(&output.stdout).map_err(|e| Error::ParseListing {
                 table: table.to_string(),
@@ -146,91 +172,98 @@ impl Nft {
         Ok(found)
     }
 
+    /// What the kernel has of our policy routing, per family (`None` where the family is not
+    /// supported).
+    pub fn routing_listing(&self, routing: &PolicyRouting) -> Result<RoutingListing> {
+        let mut listing = RoutingListing::default();
+        for family in Family::ALL {
+            let list_rules = IpCommand::list_rules(family, routing);
+            let rules = match self.ip_output(&list_rules) {
+                Ok(out) => out,
+                Err(Error::IpRejected { stderr, .. })
+                    if stderr.contains("Address family not supported") =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let list_routes = IpCommand::list_routes(family, routing);
+            let routes = match self.ip_output(&list_routes) {
+                Ok(out) => out,
+                // The kernel creates a routing table with its first route.
+                Err(Error::IpRejected { stderr, .. })
+                    if stderr.contains("table does not exist") =>
+                {
+                    "[]".to_owned()
+                }
+                Err(e) => return Err(e),
+            };
+            let parsed =
+                FamilyListing::parse(&rules, &routes).map_err(|detail| Error::ParseRouting {
+                    command: format!("{list_rules}; {list_routes}"),
+                    detail,
+                })?;
+            match family {
+                Family::V4 => listing.v4 = Some(parsed),
+                Family::V6 => listing.v6 = Some(parsed),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Removes our policy routing; with `tolerate_missing_ip`, a node without `ip` (which then
+    /// cannot have any) is fine.
+    fn remove_routing(&self, routing: &PolicyRouting, tolerate_missing_ip: bool) -> Result<()> {
+        let current = match self.routing_listing(routing) {
+            Ok(current) => current,
+            Err(Error::NotFound { program: "ip", .. }) if tolerate_missing_ip => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.run_ip_all(&plan_routing_removal(routing, &current))
+    }
+
+    fn run_ip_all(&self, commands: &[IpCommand]) -> Result<()> {
+        for command in commands {
+            tracing::debug!(%command, "policy routing");
+            self.ip_output(command)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `ip` with `command`'s arguments; its stdout, or [`Error::IpRejected`].
+    fn ip_output(&self, command: &IpCommand) -> Result<String> {
+        let args: Vec<&str> = command.args().iter().map(String::as_str).collect();
+        match self.runner.run(Program::Ip, &args, None) {
+            Ok(output) => Ok(String::from_utf8_lossy(&output.stdout).into_owned()),
+            Err(RunError::Start(e)) => Err(e),
+            Err(RunError::Exited(exited)) => Err(Error::IpRejected {
+                command: command.to_string(),
+                status: exited.status,
+                stderr: exited.stderr,
+            }),
+        }
+    }
+
     /// Runs nft with `args`, writing `stdin` to it if given; a non-zero exit is [`Error::Rejected`].
-    fn run(
+    fn nft(
         &self,
         action: &'static str,
         table: &TableName,
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<Output> {
-        let (program, mut full_args): (&Path, Vec<OsString>) = match &self.netns {
-            Some((ip, netns)) => (
-                ip,
-                vec![
-                    "netns".into(),
-                    "exec".into(),
-                    netns.into(),
-                    self.nft.clone().into(),
-                ],
-            ),
-            None => (&self.nft, Vec::new()),
-        };
-        full_args.extend(args.iter().map(OsString::from));
-        let mut command = Command::new(program);
-        command
-            .args(&full_args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
+        self.runner
+            .run(Program::Nft, args, stdin)
+            .map_err(|e| match e {
+                RunError::Start(e) => e,
+                RunError::Exited(exited) => Error::Rejected {
+                    action,
+                    table: table.to_string(),
+                    status: exited.status,
+                    stderr: exited.stderr,
+                },
             })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let spawn_error = |source: std::io::Error| match (source.kind(), &self.netns) {
-            (ErrorKind::NotFound, None) => Error::NotFound {
-                program: "nft",
-                path: program.display().to_string(),
-                package: "nftables",
-            },
-            (ErrorKind::NotFound, Some(_)) => Error::NotFound {
-                program: "ip",
-                path: program.display().to_string(),
-                package: "iproute2",
-            },
-            _ => Error::Spawn {
-                path: program.to_owned(),
-                source,
-            },
-        };
-        let mut child = command.spawn().map_err(spawn_error)?;
-        let mut write_result = Ok(());
-        if let (Some(script), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // nft reads all of stdin before it answers, so writing first cannot deadlock on a full
-            // stdout pipe; dropping the pipe closes it and ends nft's input.
-            write_result = pipe.write_all(script.as_bytes());
-        }
-        let output = child.wait_with_output().map_err(|source| Error::Spawn {
-            path: program.to_owned(),
-            source,
-        })?;
-        // If nft exited early, its stderr explains more than our broken pipe does.
-        if output.status.success() {
-            write_result.map_err(|source| Error::Spawn {
-                path: program.to_owned(),
-                source,
-            })?;
-        }
-        if output.status.success() {
-            Ok(output)
-        } else {
-            Err(Error::Rejected {
-                action,
-                table: table.to_string(),
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            })
-        }
     }
-}
-
-/// Looks `name` up in `PATH`, then in the sbin directories.
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(SBIN_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
-//! The rule set as a plain value: [`TableName`] (a validated nft identifier) and [`RuleSet`]
-//! (table, redirect port, meshed pod addresses). No I/O here and no rendering; see `render`.
+//! The rule set as a plain value: [`TableName`] (a validated nft identifier), [`Capture`] (TPROXY
+//! or REDIRECT), [`PolicyRouting`] (the fwmark and routing table TPROXY needs) and [`RuleSet`]
+//! (all of these plus the capture port and the meshed pod addresses). No I/O here and no
+//! rendering; see `render` and `routing`.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroU32};
 
 use crate::{Error, Result};
 
@@ -17,15 +19,35 @@ pub const DEFAULT_REDIRECT_PORT: NonZeroU16 = match NonZeroU16::new(15001) {
     None => unreachable!(),
 };
 
-/// Name of the nat chain hooked at prerouting.
+/// Name of the chain hooked at prerouting (a filter chain with TPROXY, a nat chain with REDIRECT).
 pub const CHAIN_NAME: &str = "prerouting";
 
-/// Priority of the nat chain: `dstnat - 10`, so our NAT decision comes before kube-proxy's (the
-/// first NAT decision of a flow wins, and we want to see the Service's ClusterIP).
-pub const CHAIN_PRIORITY: i64 = -110;
+/// Priority of the TPROXY filter chain: `mangle` (-150), before conntrack's NAT (`dstnat`,
+/// -100), so no NAT decision precedes ours.
+pub const TPROXY_CHAIN_PRIORITY: i64 = -150;
 
-/// [`CHAIN_PRIORITY`] as written in nft syntax.
-pub const CHAIN_PRIORITY_TEXT: &str = "dstnat - 10";
+/// Priority of the REDIRECT nat chain: `dstnat - 10`, so our NAT decision comes before
+/// kube-proxy's (the first NAT decision of a flow wins, and we want to see the Service's
+/// ClusterIP).
+pub const REDIRECT_CHAIN_PRIORITY: i64 = -110;
+
+/// Default fwmark bit that TPROXY sets on captured packets (OR-ed into the mark, so other
+/// components' bits survive). Chosen outside the bits the usual node components use:
+/// kube-proxy's 0x4000/0x8000, Calico's 0xffff0000, Cilium's 0x0f00 and upper 16 bits, Istio's
+/// 0x111/0x539/0x222.
+pub const DEFAULT_TPROXY_MARK: NonZeroU32 = match NonZeroU32::new(0x1000) {
+    Some(mark) => mark,
+    None => unreachable!(),
+};
+
+/// Default routing table of the TPROXY policy routing (`local default dev lo`).
+pub const DEFAULT_ROUTE_TABLE: u32 = 15001;
+
+/// Preference of the policy routing rule `fwmark MARK/MARK lookup TABLE`: low, so it comes
+/// before the rules CNIs add for pod traffic (Calico's WireGuard rule at 99, the AWS VPC CNI's at
+/// 512 and 1536), which would otherwise route a marked packet away from this node. It matches
+/// only packets that carry our mark bit.
+pub const RULE_PRIORITY: u32 = 90;
 
 /// Name of the set holding meshed pods' IPv4 addresses.
 pub const SET_V4: &str = "meshed_v4";
@@ -79,6 +101,124 @@ impl fmt::Display for TableName {
     }
 }
 
+/// How captured connections reach the proxy's outbound listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Capture {
+    /// `tproxy` in a filter chain at prerouting priority `mangle`, plus [`PolicyRouting`]: the
+    /// packet is delivered, unchanged, to the transparent listener, so the accepted socket's
+    /// local address is the original destination. No NAT: each destination has its own socket
+    /// tuple, exactly as without the proxy.
+    #[default]
+    Tproxy,
+    /// `redirect` in a nat chain at prerouting priority `dstnat - 10`: every captured connection
+    /// becomes (pod ↔ node:port) and the destination is read back with `SO_ORIGINAL_DST`. Kept
+    /// for nodes where TPROXY is not available. Its shared tuple lets a client's SYN to a new
+    /// destination hit the proxy's TIME_WAIT socket of an old one (PAWS drops it: a 1 s stall).
+    Redirect,
+}
+
+impl Capture {
+    /// The nft chain type (`filter` or `nat`).
+    pub fn chain_type(self) -> &'static str {
+        match self {
+            Capture::Tproxy => "filter",
+            Capture::Redirect => "nat",
+        }
+    }
+
+    /// The chain's priority as a number (as `nft -j` lists it).
+    pub fn chain_priority(self) -> i64 {
+        match self {
+            Capture::Tproxy => TPROXY_CHAIN_PRIORITY,
+            Capture::Redirect => REDIRECT_CHAIN_PRIORITY,
+        }
+    }
+
+    /// The chain's priority in nft syntax.
+    pub fn chain_priority_text(self) -> &'static str {
+        match self {
+            Capture::Tproxy => "mangle",
+            Capture::Redirect => "dstnat - 10",
+        }
+    }
+
+    /// The mode's name, as the `--capture` flag spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Tproxy => "tproxy",
+            Capture::Redirect => "redirect",
+        }
+    }
+}
+
+impl fmt::Display for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A routing table id that is ours to fill: not 0 (unspecified) and not the kernel's `default`
+/// (253), `main` (254) or `local` (255).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteTable(u32);
+
+impl RouteTable {
+    /// Validates `id` as a routing table of our own.
+    pub fn new(id: u32) -> Result<Self> {
+        let reason = match id {
+            0 => Some("0 means no table"),
+            253 => Some("253 is the kernel's `default` table"),
+            254 => Some("254 is the kernel's `main` table"),
+            255 => Some("255 is the kernel's `local` table"),
+            _ => None,
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidRouteTable { id, reason }),
+            None => Ok(Self(id)),
+        }
+    }
+
+    /// The table id.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self(DEFAULT_ROUTE_TABLE)
+    }
+}
+
+impl fmt::Display for RouteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The policy routing TPROXY needs: packets carrying the `mark` bit(s) are looked up in `table`,
+/// whose only route is `local default dev lo`, so they are delivered to this host (to the
+/// socket TPROXY assigned) instead of being forwarded to their destination address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyRouting {
+    /// The fwmark bit(s) set on captured packets and matched as `fwmark MARK/MARK`.
+    pub mark: NonZeroU32,
+    /// The routing table that delivers marked packets locally.
+    pub table: RouteTable,
+    /// The preference of the `ip rule`.
+    pub priority: u32,
+}
+
+impl Default for PolicyRouting {
+    fn default() -> Self {
+        Self {
+            mark: DEFAULT_TPROXY_MARK,
+            table: RouteTable::default(),
+            priority: RULE_PRIORITY,
+        }
+    }
+}
+
 /// The complete capture rule set of a node, as a plain value.
 ///
 /// The sets are `BTreeSet`s so that rendering is deterministic. IPv4-mapped IPv6 addresses are
@@ -87,8 +227,12 @@ impl fmt::Display for TableName {
 pub struct RuleSet {
     /// The `inet` table that holds everything.
     pub table: TableName,
-    /// Port that captured connections are redirected to (the outbound listener).
+    /// Port that captured connections are delivered to (the outbound listener).
     pub redirect_port: NonZeroU16,
+    /// TPROXY (default) or REDIRECT.
+    pub capture: Capture,
+    /// The policy routing of [`Capture::Tproxy`] (unused with REDIRECT).
+    pub routing: PolicyRouting,
     /// Meshed pods' IPv4 addresses (set [`SET_V4`]).
     pub meshed_v4: BTreeSet<Ipv4Addr>,
     /// Meshed pods' IPv6 addresses (set [`SET_V6`]).
@@ -102,13 +246,45 @@ impl Default for RuleSet {
 }
 
 impl RuleSet {
-    /// A rule set with no meshed pods.
+    /// A rule set with no meshed pods, capturing with TPROXY and the default policy routing.
     pub fn new(table: TableName, redirect_port: NonZeroU16) -> Self {
         Self {
             table,
             redirect_port,
+            capture: Capture::default(),
+            routing: PolicyRouting::default(),
             meshed_v4: BTreeSet::new(),
             meshed_v6: BTreeSet::new(),
+        }
+    }
+
+    /// Builder: capture with `capture`.
+    pub fn with_capture(mut self, capture: Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// Builder: TPROXY's policy routing.
+    pub fn with_routing(mut self, routing: PolicyRouting) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    /// The policy routing this rule set needs: `Some` with TPROXY, `None` with REDIRECT.
+    pub fn policy_routing(&self) -> Option<&PolicyRouting> {
+        match self.capture {
+            Capture::Tproxy => Some(&self.routing),
+            Capture::Redirect => None,
+        }
+    }
+
+    /// The same rule set without any meshed pod: nothing new is captured, while (with TPROXY)
+    /// packets of connections the proxy already holds still reach it. Used to drain at shutdown.
+    pub fn without_pods(&self) -> Self {
+        Self {
+            meshed_v4: BTreeSet::new(),
+            meshed_v6: BTreeSet::new(),
+            ..self.clone()
         }
     }
 
@@ -180,5 +356,25 @@ mod tests {
         let rules = RuleSet::default();
         assert_eq!(rules.table.as_str(), "nodeproxy");
         assert_eq!(rules.redirect_port.get(), 15001);
+        assert_eq!(rules.capture, Capture::Tproxy);
+        assert_eq!(rules.routing.mark.get(), 0x1000);
+        assert_eq!(rules.routing.table.get(), 15001);
+        assert_eq!(rules.policy_routing(), Some(&rules.routing));
+        assert_eq!(rules.with_capture(Capture::Redirect).policy_routing(), None);
+    }
+
+    #[test]
+    fn route_tables() {
+        for (id, ok) in [
+            (0, false),
+            (1, true),
+            (100, true),
+            (253, false),
+            (254, false),
+        ] {
+            assert_eq!(RouteTable::new(id).is_ok(), ok, "{id}");
+        }
+        let err = RouteTable::new(255).unwrap_err().to_string();
+        assert!(err.contains("255") && err.contains("local"), "{err}");
     }
 }

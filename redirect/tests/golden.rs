@@ -1,13 +1,14 @@
-//! Golden-file tests for `render`: the exact text `nodeproxy rules` prints.
+//! Golden-file tests for `render`: the exact text `nodeproxy rules` prints, for both capture
+//! modes (TPROXY, the default, and REDIRECT).
 //! Run with `UPDATE_GOLDEN=1` to rewrite `tests/golden/*.nft` after an intended change.
 #![allow(clippy::unwrap_used)]
 
 use std::net::IpAddr;
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::path::PathBuf;
 
 use pretty_assertions::assert_eq;
-use redirect::{RuleSet, TableName, render};
+use redirect::{Capture, PolicyRouting, RouteTable, RuleSet, TableName, render};
 
 fn ips(list: &[&str]) -> Vec<IpAddr> {
     list.iter().map(|ip| ip.parse().unwrap()).collect()
@@ -63,4 +64,24 @@ fn custom_port_and_table() {
     )
     .with_pods(ips(&["192.168.0.2", "2001:db8::2"]));
     check_golden("custom_port_and_table", &rules);
+}
+
+#[test]
+fn redirect_v4_and_v6() {
+    let rules = RuleSet::default()
+        .with_capture(Capture::Redirect)
+        .with_pods(ips(&["10.244.1.3", "fd00:10:244:1::3"]));
+    check_golden("redirect_v4_and_v6", &rules);
+}
+
+#[test]
+fn tproxy_custom_mark_and_table() {
+    let rules = RuleSet::default()
+        .with_routing(PolicyRouting {
+            mark: NonZeroU32::new(0x20_0000).unwrap(),
+            table: RouteTable::new(4242).unwrap(),
+            priority: 80,
+        })
+        .with_pods(ips(&["10.244.1.3", "fd00:10:244:1::3"]));
+    check_golden("tproxy_custom_mark_and_table", &rules);
 }
