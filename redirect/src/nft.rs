@@ -138,17 +138,20 @@ impl Nft {
     }
 
     /// Deletes the table, then every rule looking up the policy routing's table and every route
-    /// in it; succeeds if none of it exists, so it is safe both at startup (to clean up after a
-    /// crashed run) and at shutdown.
+    /// in it (also when the table could not be deleted); succeeds if none of it exists, so it is
+    /// safe both at startup (to clean up after a crashed run) and at shutdown.
     pub fn remove(&self, rules: &RuleSet) -> Result<()> {
         tracing::debug!(table = %rules.table, "removing capture rules");
-        self.nft(
+        let table = self.nft(
             "remove",
             &rules.table,
             &["-f", "-"],
             Some(&render_remove(&rules.table)),
-        )?;
-        self.remove_routing(&rules.routing, rules.capture == Capture::Redirect)
+        );
+        // The policy routing goes even if the table could not (e.g. nft is missing after a
+        // failed start); the first error is reported.
+        let routing = self.remove_routing(&rules.routing, rules.capture == Capture::Redirect);
+        table.map(drop).and(routing)
     }
 
     /// Whether the `inet` table exists.

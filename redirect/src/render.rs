@@ -82,10 +82,12 @@ fn write_tproxy_rules(out: &mut String, rules: &RuleSet) {
         out,
         "\t\tmeta l4proto tcp socket transparent 1 socket wildcard 0 {mark} accept"
     );
+    // Only packets in the direction the meshed pod opened: a meshed pod's answers to a client
+    // outside the mesh pass untouched (REDIRECT, a nat rule, sees only a flow's first packet).
     for (family, set) in [("ip", SET_V4), ("ip6", SET_V6)] {
         let _ = writeln!(
             out,
-            "\t\t{family} saddr @{set} meta l4proto tcp tproxy {family} to :{port} {mark} accept"
+            "\t\t{family} saddr @{set} meta l4proto tcp ct direction original tproxy {family} to :{port} {mark} accept"
         );
     }
     // No transparent listener (the proxy is down): `tproxy` did not match. Reset rather than let
@@ -93,7 +95,7 @@ fn write_tproxy_rules(out: &mut String, rules: &RuleSet) {
     for (family, set) in [("ip", SET_V4), ("ip6", SET_V6)] {
         let _ = writeln!(
             out,
-            "\t\t{family} saddr @{set} meta l4proto tcp reject with tcp reset"
+            "\t\t{family} saddr @{set} meta l4proto tcp ct direction original reject with tcp reset"
         );
     }
 }
@@ -211,12 +213,14 @@ mod tests {
                 "type filter hook prerouting priority mangle; policy accept;",
                 "fib daddr type local return",
                 &format!("meta l4proto tcp socket transparent 1 socket wildcard 0 {mark} accept"),
-                &format!("ip saddr @meshed_v4 meta l4proto tcp tproxy ip to :15009 {mark} accept"),
                 &format!(
-                    "ip6 saddr @meshed_v6 meta l4proto tcp tproxy ip6 to :15009 {mark} accept"
+                    "ip saddr @meshed_v4 meta l4proto tcp ct direction original tproxy ip to :15009 {mark} accept"
                 ),
-                "ip saddr @meshed_v4 meta l4proto tcp reject with tcp reset",
-                "ip6 saddr @meshed_v6 meta l4proto tcp reject with tcp reset",
+                &format!(
+                    "ip6 saddr @meshed_v6 meta l4proto tcp ct direction original tproxy ip6 to :15009 {mark} accept"
+                ),
+                "ip saddr @meshed_v4 meta l4proto tcp ct direction original reject with tcp reset",
+                "ip6 saddr @meshed_v6 meta l4proto tcp ct direction original reject with tcp reset",
             ]
         );
         // The policy routing is named in the header, as comments nft ignores.

@@ -72,7 +72,8 @@ enum RuleShape {
     TransparentSocket {
         mark: u64,
     },
-    /// `<protocol> saddr @<set> meta l4proto tcp tproxy <family> to :PORT meta mark set meta mark | MARK accept`
+    /// `<protocol> saddr @<set> meta l4proto tcp ct direction original tproxy <family> to :PORT
+    /// meta mark set meta mark | MARK accept`
     Tproxy {
         protocol: String,
         set: String,
@@ -80,7 +81,7 @@ enum RuleShape {
         port: u64,
         mark: u64,
     },
-    /// `<protocol> saddr @<set> meta l4proto tcp reject with tcp reset`
+    /// `<protocol> saddr @<set> meta l4proto tcp ct direction original reject with tcp reset`
     Reset {
         protocol: String,
         set: String,
@@ -112,11 +113,11 @@ impl fmt::Display for RuleShape {
                 mark,
             } => write!(
                 f,
-                "`{protocol} saddr @{set} meta l4proto tcp tproxy {family} to :{port} meta mark set meta mark | {mark:#x} accept`"
+                "`{protocol} saddr @{set} meta l4proto tcp ct direction original tproxy {family} to :{port} meta mark set meta mark | {mark:#x} accept`"
             ),
             RuleShape::Reset { protocol, set } => write!(
                 f,
-                "`{protocol} saddr @{set} meta l4proto tcp reject with tcp reset`"
+                "`{protocol} saddr @{set} meta l4proto tcp ct direction original reject with tcp reset`"
             ),
             RuleShape::Other(json) => write!(f, "unrecognised rule {json}"),
         }
@@ -363,12 +364,13 @@ fn known_shape(expr: &[Value]) -> Option<RuleShape> {
                 _ => None,
             }
         }
-        [saddr, l4proto, reject] if reject.get("reject").is_some() => {
+        [saddr, l4proto, direction, reject] if reject.get("reject").is_some() => {
             let (protocol, set) = saddr_in_set(saddr)?;
             let reset = reject.pointer("/reject/type").and_then(Value::as_str) == Some("tcp reset");
-            (is_tcp(l4proto) && reset).then_some(RuleShape::Reset { protocol, set })
+            (is_tcp(l4proto) && is_original(direction) && reset)
+                .then_some(RuleShape::Reset { protocol, set })
         }
-        [saddr, l4proto, tproxy, mangle, accept] if tproxy.get("tproxy").is_some() => {
+        [saddr, l4proto, direction, tproxy, mangle, accept] if tproxy.get("tproxy").is_some() => {
             let (protocol, set) = saddr_in_set(saddr)?;
             let family = tproxy.pointer("/tproxy/family").and_then(Value::as_str);
             let port = tproxy.pointer("/tproxy/port").and_then(Value::as_u64);
@@ -376,7 +378,10 @@ fn known_shape(expr: &[Value]) -> Option<RuleShape> {
             let no_addr = tproxy.pointer("/tproxy/addr").is_none();
             match (family, port, or_mark(mangle)) {
                 (Some(family), Some(port), Some(mark))
-                    if is_tcp(l4proto) && no_addr && accept.get("accept").is_some() =>
+                    if is_tcp(l4proto)
+                        && is_original(direction)
+                        && no_addr
+                        && accept.get("accept").is_some() =>
                 {
                     Some(RuleShape::Tproxy {
                         protocol,
@@ -424,6 +429,12 @@ fn saddr_in_set(expr: &Value) -> Option<(String, String)> {
 fn is_tcp(expr: &Value) -> bool {
     expr.pointer("/match/left/meta/key").and_then(Value::as_str) == Some("l4proto")
         && match_right(expr) == Some("tcp")
+}
+
+/// `ct direction original`.
+fn is_original(expr: &Value) -> bool {
+    expr.pointer("/match/left/ct/key").and_then(Value::as_str) == Some("direction")
+        && match_right(expr) == Some("original")
 }
 
 /// `meta mark set meta mark | MARK`: the mark OR-ed in.
