@@ -3,8 +3,10 @@
 //! Owns [`start`] and [`Running`]. Start order: load the node view → bind every listener (so a
 //! port in use fails before anything touches the kernel) → start the tenants' pools → start
 //! the admin runtime and the accept runtime (two threads of their own; neither does a
-//! tenant's work) → apply the capture rules → ready. Shutdown reverses it and removes the
-//! rules, so nothing is left in the kernel.
+//! tenant's work) → apply the capture rules → ready. Shutdown reverses it: it stops capturing
+//! new connections (empties the meshed sets), stops accepting, drains the pools (with TPROXY the
+//! table still steers the drained connections' packets to their sockets), then removes the rules,
+//! so nothing is left in the kernel.
 //!
 //! Must not touch: the details of any phase (they live in their modules).
 
@@ -21,25 +23,18 @@ use tokio::sync::oneshot;
 
 use crate::admin::{self, AdminState, Role};
 use crate::config::{
-    Capture, Config, CpuControlMode, EMBEDDED_CONFIG, IsolationConfig, IsolationMode, ViewSource,
+    Config, CpuControlMode, EMBEDDED_CONFIG, IsolationConfig, IsolationMode, ViewSource,
 };
 use crate::metrics;
 use crate::outbound::{self, OrigDst, Outbound};
 use crate::state::{Readiness, Snapshot};
 
 /// Start-time choices that are not user configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct StartOptions {
-    /// How original destinations are found.
-    pub orig_dst: OrigDst,
-}
-
-impl Default for StartOptions {
-    fn default() -> Self {
-        Self {
-            orig_dst: OrigDst::Kernel,
-        }
-    }
+    /// How original destinations are found; `None`: as `--capture` says (see
+    /// [`OrigDst::for_capture`]). Tests on loopback pass [`OrigDst::Fixed`].
+    pub orig_dst: Option<OrigDst>,
 }
 
 /// Loads and translates the configured world view into this node's view.
@@ -57,37 +52,58 @@ pub fn load_view(config: &Config) -> anyhow::Result<NodeView> {
     )?)
 }
 
+/// The capture rules `config` asks for, holding the meshed pods of `snap`; `None` with
+/// --no-redirect. What `nodeproxy rules` prints and what the daemon applies.
+pub fn capture_rule_set(
+    config: &Config,
+    snap: &Snapshot,
+) -> anyhow::Result<Option<redirect::RuleSet>> {
+    let Some(rules) = &config.capture.rules else {
+        return Ok(None);
+    };
+    let table = redirect::TableName::new(rules.table.as_str())?;
+    let port = std::num::NonZeroU16::new(config.outbound_port())
+        .context("the capture port must not be 0")?;
+    let routing = redirect::PolicyRouting {
+        mark: std::num::NonZeroU32::new(rules.tproxy_mark)
+            .context("--tproxy-mark must not be 0")?,
+        table: redirect::RouteTable::new(rules.tproxy_table)?,
+        ..redirect::PolicyRouting::default()
+    };
+    let set = redirect::RuleSet::new(table, port)
+        .with_capture(config.capture.mode.into())
+        .with_routing(routing)
+        .with_pods(snap.meshed_ips());
+    Ok(Some(set))
+}
+
 /// The capture rules the daemon owns.
 #[derive(Debug)]
 struct Rules {
     nft: redirect::Nft,
-    table: redirect::TableName,
-    port: std::num::NonZeroU16,
+    /// The rule set without pods; the snapshot adds them.
+    empty: redirect::RuleSet,
 }
 
 impl Rules {
-    fn from_config(config: &Config) -> anyhow::Result<Option<Rules>> {
-        let Capture::Nftables { table, nft } = &config.capture else {
+    fn from_config(config: &Config, snap: &Snapshot) -> anyhow::Result<Option<Rules>> {
+        let (Some(rules), Some(set)) = (&config.capture.rules, capture_rule_set(config, snap)?)
+        else {
             return Ok(None);
         };
-        let nft = if nft.as_os_str() == "nft" {
+        let nft = if rules.nft.as_os_str() == "nft" {
             redirect::Nft::new()?
         } else {
-            redirect::Nft::with_path(nft)
+            redirect::Nft::with_path(&rules.nft)
         };
-        let table = redirect::TableName::new(table.as_str())?;
-        let port = std::num::NonZeroU16::new(config.outbound_port())
-            .context("the redirect port must not be 0")?;
-        Ok(Some(Rules { nft, table, port }))
+        Ok(Some(Rules {
+            nft,
+            empty: set.without_pods(),
+        }))
     }
 
     fn rule_set(&self, snap: &Snapshot) -> redirect::RuleSet {
-        self.empty_rule_set().with_pods(snap.meshed_ips())
-    }
-
-    fn empty_rule_set(&self) -> redirect::RuleSet {
-        redirect::RuleSet::new(self.table.clone(), self.port)
-            .with_capture(redirect::Capture::Redirect)
+        self.empty.clone().with_pods(snap.meshed_ips())
     }
 }
 
@@ -175,17 +191,22 @@ pub fn start_with_view(
         );
     }
     let snapshot = Snapshot::new(view, 1);
-    let rules = Rules::from_config(&config)?;
+    let rules = Rules::from_config(&config, &snapshot)?;
+    let orig_dst = opts
+        .orig_dst
+        .unwrap_or_else(|| OrigDst::for_capture(config.capture.mode));
+    // TPROXY delivers to a listener only if it is transparent.
+    let transparent = orig_dst == OrigDst::LocalAddr;
 
     let mut outbound_listeners = Vec::new();
     for addr in &config.outbound_addrs {
-        match bind(*addr) {
+        match bind_with(*addr, transparent) {
             Ok(l) => outbound_listeners.push(l),
             // A host without IPv6 still serves IPv4.
-            Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => {
-                tracing::warn!(%addr, error = %e, "IPv6 is not available; not listening there");
+            Err(e) if addr.is_ipv6() && is_no_ipv6(&e.source) => {
+                tracing::warn!(%addr, error = %e.source, "IPv6 is not available; not listening there");
             }
-            Err(e) => return Err(bind_error(*addr, "--outbound-addr", e)),
+            Err(e) => return Err(e.into_anyhow(*addr, "--outbound-addr")),
         }
     }
     let admin_listener =
@@ -244,7 +265,7 @@ pub fn start_with_view(
     let ctx = Outbound {
         snapshot: state.snapshot.clone(),
         pools: state.pools.clone(),
-        orig_dst: opts.orig_dst,
+        orig_dst,
         listeners: outbound_addrs.clone().into(),
         mesh: mesh.clone(),
     };
@@ -288,7 +309,13 @@ pub fn start_with_view(
             running.shutdown();
             return Err(anyhow::Error::new(e).context("cannot install the capture rules"));
         }
-        tracing::info!(table = %rules.table, port = rules.port, pods = set.meshed_v4.len() + set.meshed_v6.len(), "capture rules applied");
+        tracing::info!(
+            table = %set.table,
+            capture = %set.capture,
+            port = set.redirect_port,
+            pods = set.meshed_v4.len() + set.meshed_v6.len(),
+            "capture rules applied"
+        );
         ::metrics::gauge!(metrics::REDIRECT_RULES_APPLIED).set(1.0);
     }
     running.state.readiness.set_rules_applied(true);
@@ -335,7 +362,7 @@ impl Running {
         if let Some(rules) = &self.rules {
             rules
                 .nft
-                .update(&rules.table, &added, &removed)
+                .update(&rules.empty.table, &added, &removed)
                 .context("cannot update the capture set")?;
         }
         let (t_added, t_removed) = self.state.pools.reconcile(&tenant_configs)?;
@@ -349,18 +376,34 @@ impl Running {
         Ok(())
     }
 
-    /// Stops accepting, removes the capture rules and drains the pools. Idempotent.
+    /// Stops capturing new connections, stops accepting, drains the pools, then removes the
+    /// capture rules. Idempotent.
     pub fn shutdown(&mut self) {
         self.state.readiness.set_shutting_down();
-        if let Some(rules) = self.rules.take() {
-            match rules.nft.remove(&rules.empty_rule_set()) {
-                Ok(()) => tracing::info!(table = %rules.table, "capture rules removed"),
+        let rules = self.rules.take();
+        if let Some(rules) = &rules {
+            // Empty sets capture nothing new; connections we hold keep reaching us while they
+            // drain (TPROXY: the transparent-socket rule; REDIRECT: conntrack's NAT entries).
+            let meshed: Vec<_> = self
+                .state
+                .snapshot
+                .load()
+                .meshed_ips()
+                .into_iter()
+                .collect();
+            if let Err(e) = rules.nft.update(&rules.empty.table, &[], &meshed) {
+                tracing::warn!(error = %e, "cannot empty the capture sets before draining");
+            }
+        }
+        drop(self.accept.take());
+        self.state.pools.shutdown();
+        if let Some(rules) = rules {
+            match rules.nft.remove(&rules.empty) {
+                Ok(()) => tracing::info!(table = %rules.empty.table, "capture rules removed"),
                 Err(e) => tracing::error!(error = %e, "cannot remove the capture rules"),
             }
             ::metrics::gauge!(metrics::REDIRECT_RULES_APPLIED).set(0.0);
         }
-        drop(self.accept.take());
-        self.state.pools.shutdown();
         drop(self.admin.take());
     }
 }
@@ -461,15 +504,64 @@ fn mesh_context(
 /// Binds a non-blocking listener; IPv6 listeners are IPv6-only so that `0.0.0.0` and `[::]`
 /// can share a port.
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
+    bind_with(addr, false).map_err(|e| e.source)
+}
+
+/// Why a listener could not be bound.
+#[derive(Debug)]
+struct BindError {
+    /// Setting IP_TRANSPARENT failed (rather than creating, binding or listening).
+    transparent: bool,
+    source: std::io::Error,
+}
+
+impl BindError {
+    fn into_anyhow(self, addr: SocketAddr, flag: &str) -> anyhow::Error {
+        if !self.transparent {
+            return bind_error(addr, flag, self.source);
+        }
+        let hint = match self.source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                ": --capture tproxy needs CAP_NET_ADMIN for a transparent listener; run as root or \
+                 grant the capability, or use --capture redirect"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!(
+            "cannot make the listener on {addr} ({flag}) transparent (IP_TRANSPARENT): {}{hint}",
+            self.source
+        )
     }
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
+}
+
+/// Like [`bind`]; with `transparent`, sets IP_TRANSPARENT before binding, so that TPROXY can
+/// deliver connections for any destination to it.
+fn bind_with(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, BindError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let plain = |source| BindError {
+        transparent: false,
+        source,
+    };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(plain)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true).map_err(plain)?;
+    }
+    if transparent {
+        let set = if addr.is_ipv6() {
+            s.set_ip_transparent_v6(true)
+        } else {
+            s.set_ip_transparent_v4(true)
+        };
+        set.map_err(|source| BindError {
+            transparent: true,
+            source,
+        })?;
+    }
+    s.set_reuse_address(true).map_err(plain)?;
+    s.set_nonblocking(true).map_err(plain)?;
+    s.bind(&addr.into()).map_err(plain)?;
+    s.listen(1024).map_err(plain)?;
     Ok(s.into())
 }
 
@@ -489,4 +581,25 @@ fn bind_error(addr: SocketAddr, flag: &str, e: std::io::Error) -> anyhow::Error 
         _ => String::new(),
     };
     anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}{hint}")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transparent_listener_without_privileges_names_the_fix() {
+        let e = BindError {
+            transparent: true,
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let msg = e
+            .into_anyhow("0.0.0.0:15001".parse().unwrap(), "--outbound-addr")
+            .to_string();
+        assert!(msg.contains("0.0.0.0:15001"), "{msg}");
+        assert!(msg.contains("IP_TRANSPARENT"), "{msg}");
+        assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
+        assert!(msg.contains("--capture redirect"), "{msg}");
+    }
 }

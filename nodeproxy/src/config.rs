@@ -44,7 +44,8 @@ pub struct RunArgs {
     #[arg(long, env = "NODEPROXY_TRUST_DOMAIN", default_value = certs::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Outbound capture listeners (comma-separated); all must use the same port, which is the
-    /// port the nftables rules redirect to. Port 0 is allowed only with --no-redirect.
+    /// port the capture rules deliver to. Port 0 is allowed only with --no-redirect; with
+    /// `--capture tproxy` they must be wildcard addresses (0.0.0.0, [::]).
     #[arg(long, env = "NODEPROXY_OUTBOUND_ADDR", value_delimiter = ',',
           default_values_t = [SocketAddr::from(([0, 0, 0, 0], ports::OUTBOUND)),
                               SocketAddr::from(([0u16; 8], ports::OUTBOUND))])]
@@ -55,9 +56,25 @@ pub struct RunArgs {
     /// Prometheus listener.
     #[arg(long, env = "NODEPROXY_METRICS_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::METRICS)))]
     pub metrics_addr: SocketAddr,
-    /// Do not install nftables rules (traffic must reach the outbound port some other way).
+    /// Do not install capture rules (traffic must reach the outbound port some other way, in
+    /// the way --capture names).
     #[arg(long, env = "NODEPROXY_NO_REDIRECT")]
     pub no_redirect: bool,
+    /// How captured connections reach the outbound listener. `tproxy`: nftables `tproxy` plus
+    /// policy routing; the listener is transparent (IP_TRANSPARENT, needs CAP_NET_ADMIN) and a
+    /// connection's original destination is its socket's local address, so every destination
+    /// keeps a socket tuple of its own. `redirect`: nftables nat `redirect`, the destination read
+    /// with SO_ORIGINAL_DST; every connection of a pod shares (pod:port ↔ node:15001), so a
+    /// client that soon reuses a source port for another destination can stall 1 s (PAWS).
+    #[arg(long, env = "NODEPROXY_CAPTURE", value_enum, default_value_t = CaptureMode::Tproxy)]
+    pub capture: CaptureMode,
+    /// With `--capture tproxy`: the fwmark bit(s) set on captured packets (OR-ed in) and routed
+    /// locally by `ip rule ... fwmark MARK/MARK`; hex (0x1000) or decimal.
+    #[arg(long, env = "NODEPROXY_TPROXY_MARK", default_value = "0x1000", value_parser = parse_mark)]
+    pub tproxy_mark: u32,
+    /// With `--capture tproxy`: the routing table that holds `local default dev lo`.
+    #[arg(long, env = "NODEPROXY_TPROXY_TABLE", default_value_t = redirect::DEFAULT_ROUTE_TABLE)]
+    pub tproxy_table: u32,
     /// Name of our nftables table (family inet).
     #[arg(long, env = "NODEPROXY_NFT_TABLE", default_value = "nodeproxy")]
     pub nft_table: String,
@@ -197,19 +214,62 @@ pub struct ControlPlane {
     pub token_file: Option<PathBuf>,
 }
 
+/// `--capture` values: how captured connections reach the outbound listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureMode {
+    /// nftables `tproxy` and policy routing; a transparent listener; the original destination
+    /// is the accepted socket's local address.
+    Tproxy,
+    /// nftables nat `redirect`; the original destination comes from `SO_ORIGINAL_DST`.
+    Redirect,
+}
+
+impl From<CaptureMode> for redirect::Capture {
+    fn from(mode: CaptureMode) -> Self {
+        match mode {
+            CaptureMode::Tproxy => redirect::Capture::Tproxy,
+            CaptureMode::Redirect => redirect::Capture::Redirect,
+        }
+    }
+}
+
 /// How traffic is captured.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", tag = "mode")]
-pub enum Capture {
-    /// nftables REDIRECT to the outbound port, managed by the daemon.
-    Nftables {
-        /// Table name (family inet).
-        table: String,
-        /// The nft binary.
-        nft: PathBuf,
-    },
-    /// No rules: something else steers traffic to the outbound listener.
-    Disabled,
+pub struct Capture {
+    /// How captured connections reach the outbound listener (also when the rules come from
+    /// elsewhere).
+    pub mode: CaptureMode,
+    /// The rules the daemon installs; `None` with --no-redirect, when something else steers
+    /// traffic to the outbound listener.
+    pub rules: Option<CaptureRules>,
+}
+
+/// The capture rules the daemon installs and removes.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CaptureRules {
+    /// Table name (family inet).
+    pub table: String,
+    /// The nft binary.
+    pub nft: PathBuf,
+    /// TPROXY's fwmark bit(s) (hex in the dump).
+    #[serde(serialize_with = "hex")]
+    pub tproxy_mark: u32,
+    /// TPROXY's routing table.
+    pub tproxy_table: u32,
+}
+
+fn hex<S: serde::Serializer>(value: &u32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{value:#x}"))
+}
+
+/// Parses `--tproxy-mark`: `0x`-prefixed hex or decimal.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|e| format!("{e}; write a 32-bit mark such as 0x1000"))
 }
 
 /// The resolved daemon configuration.
@@ -290,12 +350,12 @@ impl Config {
                 "--outbound-addr: all outbound listeners must share one port (the redirect target), got ports {outbound_ports:?}"
             ));
         }
-        let capture = if args.no_redirect {
-            Capture::Disabled
+        let rules = if args.no_redirect {
+            None
         } else {
             if outbound_ports.contains(&0) {
                 errors.push(
-                    "--outbound-addr: port 0 cannot be a redirect target; pick a port or pass --no-redirect"
+                    "--outbound-addr: port 0 cannot be a capture target; pick a port or pass --no-redirect"
                         .to_owned(),
                 );
             }
@@ -305,10 +365,23 @@ impl Config {
                     args.nft_table
                 ));
             }
-            Capture::Nftables {
+            if args.capture == CaptureMode::Tproxy {
+                errors.extend(tproxy_errors(
+                    args.tproxy_mark,
+                    args.tproxy_table,
+                    &args.outbound_addr,
+                ));
+            }
+            Some(CaptureRules {
                 table: args.nft_table,
                 nft: args.nft,
-            }
+                tproxy_mark: args.tproxy_mark,
+                tproxy_table: args.tproxy_table,
+            })
+        };
+        let capture = Capture {
+            mode: args.capture,
+            rules,
         };
         let mut binds: Vec<SocketAddr> = args.outbound_addr.clone();
         binds.extend([args.admin_addr, args.metrics_addr]);
@@ -358,10 +431,32 @@ impl Config {
         })
     }
 
-    /// The port the redirect rules send captured traffic to.
+    /// The port the capture rules send captured traffic to.
     pub fn outbound_port(&self) -> u16 {
         self.outbound_addrs.first().map_or(0, |a| a.port())
     }
+}
+
+/// Problems only `--capture tproxy` with our own rules has.
+fn tproxy_errors(mark: u32, table: u32, outbound: &[SocketAddr]) -> Vec<String> {
+    let mut errors = Vec::new();
+    if mark == 0 {
+        errors.push(
+            "--tproxy-mark 0: the mark needs at least one bit set (default 0x1000)".to_owned(),
+        );
+    }
+    if let Err(e) = redirect::RouteTable::new(table) {
+        errors.push(format!("--tproxy-table: {e}"));
+    }
+    for addr in outbound.iter().filter(|a| !a.ip().is_unspecified()) {
+        errors.push(format!(
+            "--outbound-addr {addr}: with --capture tproxy the listener must be a wildcard address \
+             (0.0.0.0:{port} or [::]:{port}), because TPROXY finds it by the connection's original \
+             destination; use one, or --capture redirect",
+            port = addr.port()
+        ));
+    }
+    errors
 }
 
 fn is_dns_name(s: &str) -> bool {
@@ -405,7 +500,53 @@ mod tests {
         assert_eq!(c.outbound_port(), 15001);
         assert_eq!(c.admin_addr.port(), 15000);
         assert_eq!(c.metrics_addr.port(), 15020);
-        assert!(matches!(c.capture, Capture::Nftables { ref table, .. } if table == "nodeproxy"));
+        assert_eq!(c.capture.mode, CaptureMode::Tproxy);
+        let rules = c.capture.rules.unwrap();
+        assert_eq!(rules.table, "nodeproxy");
+        assert_eq!((rules.tproxy_mark, rules.tproxy_table), (0x1000, 15001));
+    }
+
+    #[test]
+    fn capture_mode_and_tproxy_settings() {
+        let c = parse(&["--capture", "redirect"]).unwrap();
+        assert_eq!(c.capture.mode, CaptureMode::Redirect);
+        let c = parse(&["--tproxy-mark", "0x20000", "--tproxy-table", "100"]).unwrap();
+        let rules = c.capture.rules.unwrap();
+        assert_eq!((rules.tproxy_mark, rules.tproxy_table), (0x20000, 100));
+        let c = parse(&["--tproxy-mark", "4096"]).unwrap();
+        assert_eq!(c.capture.rules.unwrap().tproxy_mark, 0x1000);
+        // The dump shows the mode and the mark in hex.
+        let dump = serde_json::to_value(&parse(&[]).unwrap().capture).unwrap();
+        assert_eq!(dump["mode"], "tproxy");
+        assert_eq!(dump["rules"]["tproxy_mark"], "0x1000");
+
+        let err = parse(&[
+            "--tproxy-mark",
+            "0",
+            "--tproxy-table",
+            "254",
+            "--outbound-addr",
+            "10.0.0.1:15001",
+        ])
+        .unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.0.len(), 3, "{msg}");
+        assert!(msg.contains("--tproxy-mark 0"), "{msg}");
+        assert!(msg.contains("254") && msg.contains("main"), "{msg}");
+        assert!(
+            msg.contains("--outbound-addr 10.0.0.1:15001") && msg.contains("--capture redirect"),
+            "{msg}"
+        );
+        // None of that matters with REDIRECT.
+        parse(&[
+            "--capture",
+            "redirect",
+            "--tproxy-mark",
+            "0",
+            "--outbound-addr",
+            "10.0.0.1:15001",
+        ])
+        .unwrap();
     }
 
     #[test]
@@ -433,7 +574,8 @@ mod tests {
     fn port_zero_needs_no_redirect() {
         assert!(parse(&["--outbound-addr", "127.0.0.1:0"]).is_err());
         let c = parse(&["--outbound-addr", "127.0.0.1:0", "--no-redirect"]).unwrap();
-        assert_eq!(c.capture, Capture::Disabled);
+        assert_eq!(c.capture.rules, None);
+        assert_eq!(c.capture.mode, CaptureMode::Tproxy);
     }
 
     #[test]

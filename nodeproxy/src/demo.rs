@@ -105,6 +105,10 @@ fn demo(topo: &Topology, exe: &PathBuf, args: &DemoArgs) -> anyhow::Result<()> {
         .args(["list", "table", "inet", "nodeproxy"])
         .output()?;
     println!("{}", indent(&String::from_utf8_lossy(&rules.stdout)));
+    println!(
+        "    policy routing (TPROXY delivers marked packets locally):\n{}",
+        indent(&policy_routing(topo)?)
+    );
 
     step("starting echo servers on :8080 in every pod");
     for pod in topo.pods() {
@@ -149,7 +153,8 @@ fn demo(topo: &Topology, exe: &PathBuf, args: &DemoArgs) -> anyhow::Result<()> {
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The daemon drains its connections (up to 5 s) before it removes the rules.
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let out = topo
             .node()
@@ -157,14 +162,17 @@ fn demo(topo: &Topology, exe: &PathBuf, args: &DemoArgs) -> anyhow::Result<()> {
             .args(["list", "tables"])
             .output()?;
         let tables = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !tables.contains("nodeproxy") {
+        let routing = policy_routing(topo)?;
+        if !tables.contains("nodeproxy") && routing.trim().is_empty() {
             println!(
-                "  rules removed: `nft list tables` in the node namespace shows no nodeproxy table"
+                "  rules removed: `nft list tables` in the node namespace shows no nodeproxy table, \
+                 and no `ip rule` looks up table {}",
+                redirect::DEFAULT_ROUTE_TABLE
             );
             break;
         }
         if Instant::now() > deadline {
-            bail!("the daemon did not remove its rules within 10 s: {tables}");
+            bail!("the daemon did not remove its rules within 15 s: {tables}{routing}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -348,4 +356,22 @@ fn human(bytes: f64) -> String {
     } else {
         format!("{bytes} B")
     }
+}
+
+/// The node's `ip rule`s that look up TPROXY's routing table, both families.
+fn policy_routing(topo: &Topology) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for family in ["-4", "-6"] {
+        let table = redirect::DEFAULT_ROUTE_TABLE.to_string();
+        let listing = topo
+            .node()
+            .command("ip")
+            .args([family, "rule", "show", "table", &table])
+            .output()
+            .context("run `ip rule show` in the node namespace")?;
+        for line in String::from_utf8_lossy(&listing.stdout).lines() {
+            out.push_str(&format!("ip {family} rule {line}\n"));
+        }
+    }
+    Ok(out)
 }

@@ -23,7 +23,9 @@ struct Cli {
 enum Command {
     /// Run the daemon: capture meshed pods' TCP and proxy it per tenant.
     Run(RunArgs),
-    /// Print the nftables rule set the daemon would apply (it passes `nft -c -f -`).
+    /// Print the capture rules the daemon would apply: the nftables script (it passes
+    /// `nft -c -f -`), with TPROXY's policy routing (`ip rule`/`ip route`) in its header
+    /// comments.
     Rules(RunArgs),
     /// Build a throwaway node with pods in network namespaces, run the daemon on it, send
     /// traffic between pods and print a per-tenant table. Needs root; removes everything.
@@ -103,17 +105,9 @@ fn rules(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     let view = app::load_view(&config)?;
     let snap = nodeproxy::state::Snapshot::new(view, 1);
-    let table = match &config.capture {
-        nodeproxy::config::Capture::Nftables { table, .. } => table.clone(),
-        nodeproxy::config::Capture::Disabled => {
-            anyhow::bail!("--no-redirect is set: the daemon would apply no rules")
-        }
+    let Some(set) = app::capture_rule_set(&config, &snap)? else {
+        anyhow::bail!("--no-redirect is set: the daemon would apply no rules")
     };
-    let port = std::num::NonZeroU16::new(config.outbound_port())
-        .context("the redirect port must not be 0")?;
-    let set = redirect::RuleSet::new(redirect::TableName::new(table)?, port)
-        .with_capture(redirect::Capture::Redirect)
-        .with_pods(snap.meshed_ips());
     print!("{}", redirect::render(&set));
     Ok(())
 }

@@ -1,8 +1,10 @@
-//! Outbound capture: connections redirected from local pods to port 15001.
+//! Outbound capture: connections from local pods captured to port 15001 (TPROXY by default,
+//! or nat REDIRECT).
 //!
 //! Phases (see `docs/ARCHITECTURE.md`, "Life of a connection"), each *decide, then act*:
 //! 1. **capture** — [`accept_loop`] accepts, reads the original destination
-//!    ([`OrigDst`]), and does nothing else.
+//!    ([`OrigDst`]: the socket's local address with TPROXY, `SO_ORIGINAL_DST` with REDIRECT),
+//!    and does nothing else.
 //! 2. **identify + admit** — [`decide`], a pure function of the snapshot, the peer address and
 //!    the original destination, yields a [`Decision`]: relay for a tenant, or refuse (with a
 //!    closed-set reason). An unknown source is refused, never given a guessed identity.
@@ -20,6 +22,7 @@ use certs::Identity;
 use tenancy::Pools;
 use tokio::net::TcpListener;
 
+use crate::config::CaptureMode;
 use crate::metrics;
 use crate::relay;
 use crate::state::{LocalPod, Snapshot};
@@ -27,19 +30,33 @@ use crate::state::{LocalPod, Snapshot};
 /// Where a captured connection was going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrigDst {
-    /// Ask the kernel (`SO_ORIGINAL_DST`): the production mode behind nftables REDIRECT.
-    Kernel,
+    /// The accepted socket's local address: behind nftables TPROXY (the default capture), the
+    /// packet reached the transparent listener unchanged, so the kernel gave the socket the
+    /// destination the pod dialled.
+    LocalAddr,
+    /// Ask the kernel's NAT table (`SO_ORIGINAL_DST`): behind nftables REDIRECT, where the
+    /// socket's local address is the node's own.
+    OriginalDst,
     /// Every connection goes to this address. Only for in-process tests on loopback, where no
-    /// NAT rule exists to ask the kernel about.
+    /// capture rule exists.
     #[cfg(feature = "test-util")]
     Fixed(SocketAddr),
 }
 
 impl OrigDst {
+    /// How `--capture` says the original destination is found.
+    pub fn for_capture(mode: CaptureMode) -> Self {
+        match mode {
+            CaptureMode::Tproxy => OrigDst::LocalAddr,
+            CaptureMode::Redirect => OrigDst::OriginalDst,
+        }
+    }
+
     /// The original destination of `stream`, if the kernel knows one.
     pub fn lookup(&self, stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
         match self {
-            OrigDst::Kernel => {
+            OrigDst::LocalAddr => stream.local_addr().ok(),
+            OrigDst::OriginalDst => {
                 let sock = socket2::SockRef::from(stream);
                 let local = stream.local_addr().ok()?;
                 let addr = if local.is_ipv4() || is_v4_mapped(&local) {
@@ -64,7 +81,7 @@ fn is_v4_mapped(addr: &SocketAddr) -> bool {
 pub enum Refusal {
     /// The source IP is not a local meshed pod.
     UnknownSource,
-    /// The kernel has no original destination: the connection was not redirected to us.
+    /// The kernel has no original destination: the connection was not captured to us.
     NotRedirected,
     /// The original destination is one of our own listeners.
     Loop,

@@ -69,6 +69,10 @@ fn config(view_file: &std::path::Path) -> Config {
             "--tunnel-addr",
             any,
             "--no-redirect",
+            // No capture on loopback; REDIRECT's listener needs no CAP_NET_ADMIN, so the tests
+            // that start without `OrigDst::Fixed` also run unprivileged.
+            "--capture",
+            "redirect",
             "--cpu-control",
             "none",
         ])
@@ -110,7 +114,7 @@ fn start_with_echo(view: &str) -> (tempfile::TempDir, app::Running) {
     let running = app::start(
         config(&file),
         StartOptions {
-            orig_dst: OrigDst::Fixed(echo_server()),
+            orig_dst: Some(OrigDst::Fixed(echo_server())),
         },
     )
     .unwrap();
