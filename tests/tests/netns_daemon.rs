@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use nodeproxy::admin_client::metric_sum;
 use nodeproxy_tests::{
-    Daemon, Topology, TopologySpec, privileged, tcp_echo_server, tcp_roundtrip, unique_prefix,
+    Daemon, Topology, TopologySpec, privileged, tcp_connect, tcp_echo_server, tcp_roundtrip,
+    unique_prefix,
 };
 
 const ADMIN: &str = "127.0.0.1:15000";
@@ -50,6 +51,24 @@ fn nft_tables(topo: &Topology) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// TPROXY's policy routing in the node namespace: the rules looking up table 15001 and the routes
+/// in it, both families, one line each ("" when there are none).
+fn policy_routing(topo: &Topology) -> String {
+    let mut out = String::new();
+    for family in ["-4", "-6"] {
+        for what in ["rule", "route"] {
+            let listing = topo
+                .node()
+                .command("ip")
+                .args([family, what, "show", "table", "15001"])
+                .output()
+                .unwrap();
+            out.push_str(&String::from_utf8_lossy(&listing.stdout));
+        }
+    }
+    out
+}
+
 fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -61,7 +80,7 @@ fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn start(topo: &Topology, config: &std::path::Path) -> Daemon {
+fn start(topo: &Topology, config: &std::path::Path, capture: &str) -> Daemon {
     let config = config.to_str().unwrap();
     let mut d = Daemon::start(
         topo.node(),
@@ -75,6 +94,8 @@ fn start(topo: &Topology, config: &std::path::Path) -> Daemon {
             ADMIN,
             "--metrics-addr",
             METRICS,
+            "--capture",
+            capture,
         ],
     )
     .unwrap();
@@ -87,8 +108,22 @@ fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
     if !privileged("captures_meshed_pods_relays_per_tenant_and_cleans_up") {
         return;
     }
+    captures_relays_and_cleans_up("tproxy");
+}
+
+#[test]
+fn redirect_capture_still_works() {
+    if !privileged("redirect_capture_still_works") {
+        return;
+    }
+    captures_relays_and_cleans_up("redirect");
+}
+
+/// v4 and v6 capture of meshed pods, non-mesh traffic untouched, a live mesh change, and nothing
+/// left in the kernel after a clean stop.
+fn captures_relays_and_cleans_up(capture: &str) {
     let topo = Topology::create(TopologySpec {
-        prefix: unique_prefix("nd"),
+        prefix: unique_prefix(&format!("n{capture}")),
         pods: 3,
         ipv6: true,
     })
@@ -96,7 +131,17 @@ fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("view.yaml");
     std::fs::write(&config, view(false)).unwrap();
-    let mut daemon = start(&topo, &config);
+    let mut daemon = start(&topo, &config, capture);
+    let routing = policy_routing(&topo);
+    if capture == "tproxy" {
+        assert!(
+            routing.contains("fwmark 0x1000/0x1000 lookup 15001")
+                && routing.contains("local default dev lo"),
+            "{routing}"
+        );
+    } else {
+        assert_eq!(routing, "", "REDIRECT needs no policy routing");
+    }
 
     // One dual-stack server: IPv4 peers show up as v4-mapped addresses.
     let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0u16; 8], 8080))).unwrap();
@@ -204,6 +249,7 @@ fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
         !nft_tables(&topo).contains("nodeproxy"),
         "rules left behind"
     );
+    assert_eq!(policy_routing(&topo), "", "policy routing left behind");
     // With the rules gone, meshed traffic flows directly again.
     assert_eq!(
         tcp_roundtrip(topo.pod(1), None, to_b4, b"direct").unwrap(),
@@ -227,7 +273,7 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
     let config = dir.path().join("view.yaml");
     std::fs::write(&config, view(false)).unwrap();
 
-    let mut first = start(&topo, &config);
+    let mut first = start(&topo, &config, "tproxy");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first.pid() as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -240,10 +286,21 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
         nft_tables(&topo).contains("inet nodeproxy"),
         "a crash leaves the table"
     );
-
-    let mut second = start(&topo, &config);
+    let left = policy_routing(&topo);
+    assert!(
+        left.contains("lookup 15001"),
+        "and the policy routing: {left}"
+    );
+    // While nothing listens, meshed pods' connections are reset, never let through uncaptured.
     let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap();
     let to_b = SocketAddr::new(IpAddr::V4(topo.pod_ip(2)), 8080);
+    let err = tcp_roundtrip(topo.pod(1), None, to_b, b"nobody").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(server.seen().is_empty(), "a meshed connection got through");
+
+    let mut second = start(&topo, &config, "tproxy");
+    // Replaced, not duplicated.
+    assert_eq!(policy_routing(&topo), left);
     assert_eq!(
         tcp_roundtrip(topo.pod(1), None, to_b, b"again").unwrap(),
         b"again"
@@ -254,6 +311,85 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
     );
     assert!(second.stop().unwrap().success());
     assert!(!nft_tables(&topo).contains("nodeproxy"));
+    assert_eq!(policy_routing(&topo), "");
+}
+
+/// At SIGTERM the daemon stops capturing new connections but drains the ones it holds: with
+/// TPROXY their packets still reach its sockets (the transparent-socket rule) until it closes.
+#[test]
+fn connections_open_at_shutdown_keep_working_while_the_daemon_drains() {
+    if !privileged("connections_open_at_shutdown_keep_working_while_the_daemon_drains") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let topo = Topology::create(TopologySpec {
+        prefix: unique_prefix("nt"),
+        pods: 2,
+        ipv6: false,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("view.yaml");
+    std::fs::write(&config, view(false)).unwrap();
+    // Without early demux only the rules, not a socket's cached input route, deliver packets of
+    // a held connection to it.
+    topo.node()
+        .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0"))
+        .unwrap()
+        .unwrap();
+    let mut daemon = start(&topo, &config, "tproxy");
+    let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap();
+    let to_b = SocketAddr::new(IpAddr::V4(topo.pod_ip(2)), 8080);
+
+    let mut held = tcp_connect(topo.pod(1), None, to_b).unwrap();
+    let echo = |stream: &mut std::net::TcpStream, what: &[u8]| {
+        stream.write_all(what).unwrap();
+        let mut back = vec![0; what.len()];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, what);
+    };
+    echo(&mut held, b"before");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let pod1 = topo.pod_ip(1).to_string();
+    poll("the capture set to be emptied", || {
+        let out = topo
+            .node()
+            .command("nft")
+            .args(["list", "set", "inet", "nodeproxy", "meshed_v4"])
+            .output()
+            .ok()?;
+        let set = String::from_utf8_lossy(&out.stdout);
+        (out.status.success() && !set.contains(&pod1)).then_some(())
+    });
+    // The held connection still goes through the draining daemon ...
+    echo(&mut held, b"during the drain");
+    // ... while a new one is no longer captured: the server sees pod 1 itself.
+    assert_eq!(
+        tcp_roundtrip(topo.pod(1), None, to_b, b"new").unwrap(),
+        b"new"
+    );
+    let peers: Vec<IpAddr> = server
+        .wait_for(2, Duration::from_secs(5))
+        .iter()
+        .map(|s| s.peer.ip())
+        .collect();
+    assert_eq!(
+        peers,
+        [topo.node_ip_for_pod(2), topo.pod_ip(1)].map(IpAddr::V4)
+    );
+    held.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+
+    let status = poll("the daemon to exit", || daemon.try_status().ok().flatten());
+    assert!(status.success(), "{status}\n{}", daemon.logs());
+    assert!(!nft_tables(&topo).contains("nodeproxy"));
+    assert_eq!(policy_routing(&topo), "");
 }
 
 #[test]
@@ -291,4 +427,5 @@ fn a_missing_nft_binary_is_a_clear_error_and_leaves_nothing() {
         "{logs}"
     );
     assert!(!nft_tables(&topo).contains("nodeproxy"));
+    assert_eq!(policy_routing(&topo), "");
 }
