@@ -29,8 +29,8 @@ pub use routing::{
 };
 pub use spec::{
     CHAIN_NAME, Capture, DEFAULT_REDIRECT_PORT, DEFAULT_ROUTE_TABLE, DEFAULT_TABLE_NAME,
-    DEFAULT_TPROXY_MARK, PolicyRouting, REDIRECT_CHAIN_PRIORITY, RULE_PRIORITY, RouteTable,
-    RuleSet, SET_V4, SET_V6, TPROXY_CHAIN_PRIORITY, TableName,
+    DEFAULT_TPROXY_MARK, KEEP_DESTINATION_CHAIN, PolicyRouting, REDIRECT_CHAIN_PRIORITY,
+    RULE_PRIORITY, RouteTable, RuleSet, SET_V4, SET_V6, TPROXY_CHAIN_PRIORITY, TableName,
 };
 pub use verify::verify_listing;
 

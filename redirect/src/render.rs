@@ -8,7 +8,9 @@ use std::fmt::{Display, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::routing::routing_commands;
-use crate::spec::{CHAIN_NAME, Capture, RuleSet, SET_V4, SET_V6, TableName};
+use crate::spec::{
+    CHAIN_NAME, Capture, KEEP_DESTINATION_CHAIN, RuleSet, SET_V4, SET_V6, TableName,
+};
 
 /// Renders `rules` as an nft script that atomically replaces (or creates) the table.
 ///
@@ -57,8 +59,32 @@ pub fn render(rules: &RuleSet) -> String {
         Capture::Redirect => write_redirect_rules(&mut out, rules),
     }
     let _ = writeln!(out, "\t}}");
+    if capture == Capture::Tproxy {
+        write_keep_destination(&mut out, rules);
+    }
     let _ = writeln!(out, "}}");
     out
+}
+
+/// The nat chain that pins a captured connection's destination (see [`KEEP_DESTINATION_CHAIN`]):
+/// the first NAT decision of a flow wins, so an identity `dnat` before `dstnat` leaves the
+/// address the pod dialled (a Service's ClusterIP) in place for the proxy to see and dial.
+fn write_keep_destination(out: &mut String, rules: &RuleSet) {
+    let mark = rules.routing.mark;
+    let _ = writeln!(out, "\n\tchain {KEEP_DESTINATION_CHAIN} {{");
+    // Before kube-proxy (`dstnat`), like the REDIRECT chain.
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook prerouting priority {}; policy accept;",
+        Capture::Redirect.chain_priority_text()
+    );
+    for family in ["ip", "ip6"] {
+        let _ = writeln!(
+            out,
+            "\t\tmeta mark & {mark:#x} == {mark:#x} dnat {family} to {family} daddr"
+        );
+    }
+    let _ = writeln!(out, "\t}}");
 }
 
 fn write_redirect_rules(out: &mut String, rules: &RuleSet) {
@@ -223,6 +249,17 @@ mod tests {
                 "ip6 saddr @meshed_v6 meta l4proto tcp ct direction original reject with tcp reset",
             ]
         );
+        // The destination is pinned against later NAT.
+        let keep = &script[script.find("chain keep_destination {").unwrap()..];
+        let keep: Vec<&str> = keep.lines().skip(1).map(str::trim).take(3).collect();
+        assert_eq!(
+            keep,
+            [
+                "type nat hook prerouting priority dstnat - 10; policy accept;",
+                "meta mark & 0x1000 == 0x1000 dnat ip to ip daddr",
+                "meta mark & 0x1000 == 0x1000 dnat ip6 to ip6 daddr",
+            ]
+        );
         // The policy routing is named in the header, as comments nft ignores.
         assert!(
             script.contains("\n#   ip -4 rule add pref 90 fwmark 0x1000/0x1000 lookup 15001\n"),
@@ -253,6 +290,7 @@ mod tests {
             ]
         );
         assert!(!script.contains(" ip -4 "), "no policy routing: {script}");
+        assert!(!script.contains("keep_destination"), "{script}");
     }
 
     #[test]

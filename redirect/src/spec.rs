@@ -22,6 +22,12 @@ pub const DEFAULT_REDIRECT_PORT: NonZeroU16 = match NonZeroU16::new(15001) {
 /// Name of the chain hooked at prerouting (a filter chain with TPROXY, a nat chain with REDIRECT).
 pub const CHAIN_NAME: &str = "prerouting";
 
+/// Name of the nat chain that TPROXY adds to keep a captured connection's destination: an
+/// identity `dnat` for packets carrying our mark, so that no later NAT (kube-proxy's Service
+/// DNAT at `dstnat`) rewrites it. Rewritten after TPROXY picked the listener, a flow's later
+/// packets would no longer find their socket and the connection would be reset.
+pub const KEEP_DESTINATION_CHAIN: &str = "keep_destination";
+
 /// Priority of the TPROXY filter chain: `mangle` (-150), before conntrack's NAT (`dstnat`,
 /// -100), so no NAT decision precedes ours.
 pub const TPROXY_CHAIN_PRIORITY: i64 = -150;

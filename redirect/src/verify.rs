@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use crate::spec::{CHAIN_NAME, Capture, RuleSet, SET_V4, SET_V6};
+use crate::spec::{CHAIN_NAME, Capture, KEEP_DESTINATION_CHAIN, RuleSet, SET_V4, SET_V6};
 use crate::{Error, Result};
 
 /// Checks that `listing_json` (the output of `nft -j list table inet <name>`) matches `expected`.
@@ -86,6 +86,11 @@ enum RuleShape {
         protocol: String,
         set: String,
     },
+    /// `meta mark & MARK == MARK dnat <family> to <family> daddr`
+    KeepDestination {
+        family: String,
+        mark: u64,
+    },
     Other(String),
 }
 
@@ -119,39 +124,77 @@ impl fmt::Display for RuleShape {
                 f,
                 "`{protocol} saddr @{set} meta l4proto tcp ct direction original reject with tcp reset`"
             ),
+            RuleShape::KeepDestination { family, mark } => write!(
+                f,
+                "`meta mark & {mark:#x} == {mark:#x} dnat {family} to {family} daddr`"
+            ),
             RuleShape::Other(json) => write!(f, "unrecognised rule {json}"),
         }
     }
 }
 
-/// The rules `render` writes into the chain for `rules`, in order.
-fn expected_rules(rules: &RuleSet) -> Vec<RuleShape> {
+/// A chain `render` writes: its name, base-chain type and priority, and its rules in order.
+struct ExpectedChain {
+    name: &'static str,
+    ty: &'static str,
+    prio: i64,
+    rules: Vec<RuleShape>,
+}
+
+/// The chains `render` writes for `rules`.
+fn expected_chains(rules: &RuleSet) -> Vec<ExpectedChain> {
     let port = u64::from(rules.redirect_port.get());
     let mark = u64::from(rules.routing.mark.get());
     let families = [("ip", SET_V4), ("ip6", SET_V6)];
-    let mut out = vec![RuleShape::LocalReturn];
-    match rules.capture {
-        Capture::Redirect => out.extend(families.map(|(protocol, set)| RuleShape::Redirect {
-            protocol: protocol.into(),
-            set: set.into(),
-            port,
-        })),
+    let capture = rules.capture;
+    let mut prerouting = ExpectedChain {
+        name: CHAIN_NAME,
+        ty: capture.chain_type(),
+        prio: capture.chain_priority(),
+        rules: vec![RuleShape::LocalReturn],
+    };
+    match capture {
+        Capture::Redirect => {
+            prerouting
+                .rules
+                .extend(families.map(|(protocol, set)| RuleShape::Redirect {
+                    protocol: protocol.into(),
+                    set: set.into(),
+                    port,
+                }));
+            vec![prerouting]
+        }
         Capture::Tproxy => {
-            out.push(RuleShape::TransparentSocket { mark });
-            out.extend(families.map(|(protocol, set)| RuleShape::Tproxy {
-                protocol: protocol.into(),
-                set: set.into(),
-                family: protocol.into(),
-                port,
-                mark,
-            }));
-            out.extend(families.map(|(protocol, set)| RuleShape::Reset {
-                protocol: protocol.into(),
-                set: set.into(),
-            }));
+            prerouting.rules.push(RuleShape::TransparentSocket { mark });
+            prerouting
+                .rules
+                .extend(families.map(|(protocol, set)| RuleShape::Tproxy {
+                    protocol: protocol.into(),
+                    set: set.into(),
+                    family: protocol.into(),
+                    port,
+                    mark,
+                }));
+            prerouting
+                .rules
+                .extend(families.map(|(protocol, set)| RuleShape::Reset {
+                    protocol: protocol.into(),
+                    set: set.into(),
+                }));
+            let keep = ExpectedChain {
+                name: KEEP_DESTINATION_CHAIN,
+                ty: Capture::Redirect.chain_type(),
+                prio: Capture::Redirect.chain_priority(),
+                rules: families
+                    .map(|(family, _)| RuleShape::KeepDestination {
+                        family: family.into(),
+                        mark,
+                    })
+                    .into(),
+            };
+            vec![prerouting, keep]
         }
     }
-    out
 }
 
 impl Listing {
@@ -255,41 +298,39 @@ impl Listing {
         }
 
         let capture = expected.capture;
-        let want_chain = ChainListing {
-            ty: Some(capture.chain_type().to_owned()),
-            hook: Some("prerouting".to_owned()),
-            prio: Some(capture.chain_priority()),
-            policy: Some("accept".to_owned()),
-        };
-        match self.chains.get(CHAIN_NAME) {
-            None => out.push(format!("chain {CHAIN_NAME} is missing")),
-            Some(chain) if *chain != want_chain => out.push(format!(
-                "chain {CHAIN_NAME} is type {:?} hook {:?} priority {:?} policy {:?}, expected type {} hook prerouting priority {} policy accept ({capture} capture)",
-                chain.ty,
-                chain.hook,
-                chain.prio,
-                chain.policy,
-                capture.chain_type(),
-                capture.chain_priority(),
-            )),
-            Some(_) => {}
+        let want = expected_chains(expected);
+        for chain in &want {
+            let name = chain.name;
+            let want_chain = ChainListing {
+                ty: Some(chain.ty.to_owned()),
+                hook: Some("prerouting".to_owned()),
+                prio: Some(chain.prio),
+                policy: Some("accept".to_owned()),
+            };
+            match self.chains.get(name) {
+                None => {
+                    out.push(format!("chain {name} is missing ({capture} capture)"));
+                    continue;
+                }
+                Some(got) if *got != want_chain => out.push(format!(
+                    "chain {name} is type {:?} hook {:?} priority {:?} policy {:?}, expected type {} hook prerouting priority {} policy accept ({capture} capture)",
+                    got.ty, got.hook, got.prio, got.policy, chain.ty, chain.prio,
+                )),
+                Some(_) => {}
+            }
+            let got_rules = self.rules.get(name).map(Vec::as_slice).unwrap_or_default();
+            if got_rules != chain.rules {
+                out.push(format!(
+                    "chain {name} has rules [{}], expected [{}]",
+                    join(got_rules),
+                    join(&chain.rules)
+                ));
+            }
         }
-        for name in self.chains.keys().filter(|n| *n != CHAIN_NAME) {
-            out.push(format!("unexpected chain {name}"));
-        }
-
-        let want_rules = expected_rules(expected);
-        let got_rules = self
-            .rules
-            .get(CHAIN_NAME)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        if self.chains.contains_key(CHAIN_NAME) && got_rules != want_rules {
-            out.push(format!(
-                "chain {CHAIN_NAME} has rules [{}], expected [{}]",
-                join(got_rules),
-                join(&want_rules)
-            ));
+        for name in self.chains.keys() {
+            if !want.iter().any(|chain| chain.name == name) {
+                out.push(format!("unexpected chain {name} ({capture} capture)"));
+            }
         }
         out
     }
@@ -393,6 +434,28 @@ fn known_shape(expr: &[Value]) -> Option<RuleShape> {
                 }
                 _ => None,
             }
+        }
+        [mark, dnat] if dnat.get("dnat").is_some() => {
+            let family = dnat.pointer("/dnat/family").and_then(Value::as_str)?;
+            let addr = dnat.pointer("/dnat/addr/payload")?;
+            let to_daddr = addr.get("protocol").and_then(Value::as_str) == Some(family)
+                && addr.get("field").and_then(Value::as_str) == Some("daddr")
+                && dnat.pointer("/dnat/port").is_none();
+            let masked = mark.pointer("/match/left/&")?.as_array()?;
+            let bits = match masked.as_slice() {
+                [meta, bits]
+                    if meta.pointer("/meta/key").and_then(Value::as_str) == Some("mark") =>
+                {
+                    bits.as_u64()
+                }
+                _ => None,
+            }?;
+            let equal = mark.pointer("/match/op").and_then(Value::as_str) == Some("==")
+                && mark.pointer("/match/right").and_then(Value::as_u64) == Some(bits);
+            (to_daddr && equal).then(|| RuleShape::KeepDestination {
+                family: family.to_owned(),
+                mark: bits,
+            })
         }
         [l4proto, transparent, wildcard, mangle, accept] => {
             let socket = |expr: &Value, key: &str| {
@@ -535,7 +598,7 @@ mod tests {
         let mut rules = expected();
         rules.routing.mark = NonZeroU32::new(0x2000).unwrap();
         let diffs = differences(&rules, TPROXY);
-        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        assert_eq!(diffs.len(), 2, "{diffs:?}");
         assert!(
             diffs[0].contains("meta mark | 0x1000 accept`"),
             "{}",
@@ -546,13 +609,19 @@ mod tests {
             "{}",
             diffs[0]
         );
+        assert!(
+            diffs[1].starts_with("chain keep_destination has rules")
+                && diffs[1].contains("0x2000 == 0x2000 dnat ip to ip daddr"),
+            "{}",
+            diffs[1]
+        );
     }
 
     #[test]
     fn the_other_capture_mode_is_named() {
         // A table left by a REDIRECT run, checked against TPROXY, and the other way round.
         let diffs = differences(&expected(), REDIRECT);
-        assert_eq!(diffs.len(), 2, "{diffs:?}");
+        assert_eq!(diffs.len(), 3, "{diffs:?}");
         assert!(
             diffs[0].contains("type Some(\"nat\")")
                 && diffs[0].contains("expected type filter hook prerouting priority -150")
@@ -562,10 +631,18 @@ mod tests {
         );
         assert!(diffs[1].contains("redirect to :15001"), "{}", diffs[1]);
         assert!(diffs[1].contains("tproxy ip to :15001"), "{}", diffs[1]);
+        assert_eq!(
+            diffs[2],
+            "chain keep_destination is missing (tproxy capture)"
+        );
 
         let diffs = differences(&redirect(), TPROXY);
-        assert_eq!(diffs.len(), 2, "{diffs:?}");
+        assert_eq!(diffs.len(), 3, "{diffs:?}");
         assert!(diffs[0].contains("(redirect capture)"), "{}", diffs[0]);
+        assert_eq!(
+            diffs[2],
+            "unexpected chain keep_destination (redirect capture)"
+        );
     }
 
     #[test]
