@@ -392,6 +392,81 @@ fn connections_open_at_shutdown_keep_working_while_the_daemon_drains() {
     assert_eq!(policy_routing(&topo), "");
 }
 
+/// A Service DNAT like kube-proxy's (nat prerouting at `dstnat` for pods, nat output for the
+/// node's own connections) on top of the capture: the daemon sees and dials the Service address,
+/// in both capture modes. With TPROXY, a DNAT after the capture would move the flow away from
+/// its socket (the connection is reset); the `keep_destination` chain prevents it.
+#[test]
+fn a_service_dnat_like_kube_proxys_still_works_through_the_capture() {
+    if !privileged("a_service_dnat_like_kube_proxys_still_works_through_the_capture") {
+        return;
+    }
+    for capture in ["tproxy", "redirect"] {
+        let topo = Topology::create(TopologySpec {
+            prefix: unique_prefix(&format!("s{capture}")),
+            pods: 2,
+            ipv6: false,
+        })
+        .unwrap();
+        let pod2 = topo.pod_ip(2);
+        let kube_proxy = format!(
+            "table ip kubeproxy {{\n\
+             \tchain pre {{ type nat hook prerouting priority dstnat; policy accept; \
+             ip daddr 10.96.0.10 tcp dport 80 dnat to {pod2}:8080; }}\n\
+             \tchain out {{ type nat hook output priority -100; policy accept; \
+             ip daddr 10.96.0.10 tcp dport 80 dnat to {pod2}:8080; }}\n}}\n"
+        );
+        let mut nft = topo
+            .node()
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut nft.stdin.take().unwrap(), kube_proxy.as_bytes()).unwrap();
+        assert!(nft.wait().unwrap().success());
+        // The node needs a route towards Service addresses for its own connections.
+        let route = topo
+            .node()
+            .command("ip")
+            .args(["route", "add", "10.96.0.0/16", "via", &pod2.to_string()])
+            .status()
+            .unwrap();
+        assert!(route.success());
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("view.yaml");
+        std::fs::write(&config, view(false)).unwrap();
+        let mut daemon = start(&topo, &config, capture);
+        let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap();
+        let service = SocketAddr::from(([10, 96, 0, 10], 80));
+        assert_eq!(
+            tcp_roundtrip(topo.pod(1), None, service, b"svc").unwrap(),
+            b"svc",
+            "{capture}"
+        );
+        assert_eq!(
+            server.wait_for(1, Duration::from_secs(5))[0].peer.ip(),
+            IpAddr::V4(topo.node_ip_for_pod(2)),
+            "{capture}: through the daemon"
+        );
+        // The daemon saw the Service address, not the pod behind it: no peer identity.
+        let m = poll("the connection's close", || {
+            let m = daemon.metrics().ok()?;
+            (metric_sum(&m, "nodeproxy_tcp_close_total", &[("tenant", ALPHA)]) >= 1.0).then_some(m)
+        });
+        let open = |peer| {
+            metric_sum(
+                &m,
+                "nodeproxy_tcp_open_total",
+                &[("tenant", ALPHA), ("peer", peer)],
+            )
+        };
+        assert_eq!(open("unknown"), 1.0, "{capture}");
+        assert!(daemon.stop().unwrap().success(), "{}", daemon.logs());
+    }
+}
+
 #[test]
 fn a_missing_nft_binary_is_a_clear_error_and_leaves_nothing() {
     if !privileged("a_missing_nft_binary_is_a_clear_error_and_leaves_nothing") {
