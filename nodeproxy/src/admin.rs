@@ -145,6 +145,9 @@ pub struct TenantInfo {
     pub isolation: &'static str,
     /// How its CPU weight is enforced: `cgroup-v2`, `cgroup-v1`, `nice` or `none`.
     pub cpu_share: &'static str,
+    /// The EEVDF slice of the tenant's thread as the kernel reports it, µs (a short slice lets
+    /// a light tenant's thread run soon after it wakes; see `--sched-slice-us`).
+    pub sched_slice_us: Option<u64>,
     /// Its CPU weight.
     pub weight: u32,
     /// CPU seconds its own threads used (absent when threads are shared).
@@ -182,6 +185,11 @@ fn tenants(state: &AdminState) -> Vec<TenantInfo> {
         .into_iter()
         .map(|(id, pods)| {
             let s = stats.get(id).cloned().unwrap_or_default();
+            let sched_slice_us = s
+                .tids
+                .first()
+                .and_then(|t| tenancy::cpu::thread_slice(*t))
+                .and_then(|d| u64::try_from(d.as_micros()).ok());
             TenantInfo {
                 tenant: id.to_string(),
                 pods: pods
@@ -199,6 +207,7 @@ fn tenants(state: &AdminState) -> Vec<TenantInfo> {
                 thread_ids: s.tids,
                 isolation,
                 cpu_share,
+                sched_slice_us,
                 weight: s.weight,
                 cpu_seconds: s.cpu_seconds,
                 buffer_bytes: s.buffer_bytes,

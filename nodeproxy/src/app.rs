@@ -116,7 +116,8 @@ struct RuntimeThread {
 }
 
 impl RuntimeThread {
-    fn start(name: &str) -> anyhow::Result<Self> {
+    /// A thread named `name` running a current-thread runtime, with EEVDF slice `slice`.
+    fn start(name: &str, slice: Option<std::time::Duration>) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -126,6 +127,12 @@ impl RuntimeThread {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                if let Some(slice) = slice {
+                    let tid = i64::from(nix::unistd::gettid().as_raw());
+                    if let Err(e) = tenancy::cpu::set_slice(tid, slice) {
+                        tracing::warn!(thread = %std::thread::current().name().unwrap_or("?"), error = %e, "cannot set the thread's scheduler slice; it keeps the kernel's default");
+                    }
+                }
                 rt.block_on(async {
                     let _ = stopped.await;
                 });
@@ -242,7 +249,7 @@ pub fn start_with_view(
         pools,
     };
 
-    let admin = RuntimeThread::start("np-admin")?;
+    let admin = RuntimeThread::start("np-admin", None)?;
     admin.handle.spawn(supervise(state.pools.clone()));
     for (listener, role) in [
         (admin_listener, Role::Admin),
@@ -257,7 +264,13 @@ pub fn start_with_view(
         });
     }
 
-    let accept = RuntimeThread::start("np-accept")?;
+    // Every new connection passes the accept thread: it gets the pools' short slice too.
+    let slice = state
+        .config
+        .isolation
+        .sched_slice_us
+        .map(std::time::Duration::from_micros);
+    let accept = RuntimeThread::start("np-accept", slice)?;
     let mesh = match &state.config.tunnel {
         Some(t) => Some(mesh_context(t, &state)?),
         None => None,
@@ -431,7 +444,14 @@ fn build_pools(isolation: &IsolationConfig) -> anyhow::Result<Pools<Identity>> {
                 (CpuControlMode::Nice, _) => tenancy::CpuControl::nice(),
                 (CpuControlMode::None, _) => tenancy::CpuControl::none(),
             };
-            Pools::with(tenancy::Isolation::PerTenant, cpu)?
+            Pools::with(
+                tenancy::Isolation::PerTenant,
+                cpu.with_slice(
+                    isolation
+                        .sched_slice_us
+                        .map(std::time::Duration::from_micros),
+                ),
+            )?
         }
         IsolationMode::Shared => Pools::with(
             tenancy::Isolation::Shared(isolation.shared_threads),

@@ -110,6 +110,12 @@ pub struct RunArgs {
     /// cgroup. A light tenant then never waits behind the daemon's busy tenants.
     #[arg(long, env = "NODEPROXY_CGROUP_PARENT")]
     pub cgroup_parent: Option<PathBuf>,
+    /// EEVDF slice, in microseconds, of the accept thread and the per-tenant pool threads
+    /// (Linux 6.12+; 100..=100000, 0 keeps the kernel's default). A short slice does not change
+    /// a tenant's CPU share, only how soon its thread runs when it wakes: a light tenant's
+    /// thread then preempts a busy one instead of waiting out its slice.
+    #[arg(long, env = "NODEPROXY_SCHED_SLICE_US", default_value_t = DEFAULT_SCHED_SLICE_US)]
+    pub sched_slice_us: u64,
     /// Mesh tunnel listener (mTLS, HTTP/2 CONNECT). Peers are always dialled on port 15008.
     #[arg(long, env = "NODEPROXY_TUNNEL_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::TUNNEL)))]
     pub tunnel_addr: SocketAddr,
@@ -182,6 +188,10 @@ pub enum CpuControlMode {
     None,
 }
 
+/// Default EEVDF slice of the accept and pool threads, µs: the kernel's shortest. Measured
+/// with `scripts/bench-fairness.sh` (see docs/operations.md).
+pub const DEFAULT_SCHED_SLICE_US: u64 = 100;
+
 /// How tenants are kept apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IsolationConfig {
@@ -193,6 +203,8 @@ pub struct IsolationConfig {
     pub cpu_control: CpuControlMode,
     /// Where tenant CPU groups go (cgroup v1), if not under the daemon's own cgroup.
     pub cgroup_parent: Option<PathBuf>,
+    /// EEVDF slice of the accept and pool threads, µs (`None`: the kernel's default).
+    pub sched_slice_us: Option<u64>,
 }
 
 /// Where the world view comes from.
@@ -402,7 +414,19 @@ impl Config {
             }),
             cpu_control: args.cpu_control,
             cgroup_parent: args.cgroup_parent.clone(),
+            sched_slice_us: (args.sched_slice_us > 0).then_some(args.sched_slice_us),
         };
+        let (min, max) = tenancy::cpu::SLICE_RANGE;
+        if args.sched_slice_us > 0
+            && !(min.as_micros()..=max.as_micros()).contains(&u128::from(args.sched_slice_us))
+        {
+            errors.push(format!(
+                "--sched-slice-us {}: the kernel takes slices of {}..={} µs; use 0 for its default",
+                args.sched_slice_us,
+                min.as_micros(),
+                max.as_micros()
+            ));
+        }
         if args.cert_lifetime_secs < 2 {
             errors.push(format!(
                 "--cert-lifetime-secs {}: certificates must live at least 2 seconds",
