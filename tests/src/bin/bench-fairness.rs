@@ -8,7 +8,8 @@
 //! as raw processes and no proxy could protect the victim.
 //!
 //! Run it with `scripts/bench-fairness.sh` (release build, root). The last line is
-//! `victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=…` (with B / alone).
+//! `victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… … control_p99_ratio=…` (with B /
+//! alone; the control is a pod pair outside the mesh, what the kernel alone gives).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nodeproxy_tests::{Daemon, Netns, Topology, TopologySpec, nodeproxy_bin, unique_prefix};
 
-/// Pods: 1 victim client (tenant A), 2 victim server, 3 bulk client (tenant B), 4 bulk server.
+/// Pods: 1 victim client (tenant A), 2 victim server, 3 bulk client (tenant B), 4 bulk server;
+/// 5 → 6, a client and server outside the mesh (not in the view: never captured), the control.
 const VIEW: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {nodeproxy.io/mesh: enabled}}\n\
 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: victim, namespace: bench}\n\
 spec: {serviceAccountName: victim, nodeName: n1, containers: [{name: c, image: i}]}\n\
@@ -29,6 +31,8 @@ spec: {serviceAccountName: bulk, nodeName: n1, containers: [{name: c, image: i}]
 status: {phase: Running, podIP: 10.200.3.2}\n";
 
 const SOCKPERF_PORT: u16 = 11111;
+/// CPU groups: one per pod (5 and 6 are a pair outside the mesh, the control) and the daemon's.
+const POD_GROUPS: [&str; 7] = ["pod1", "pod2", "pod3", "pod4", "pod5", "pod6", "daemon"];
 /// The connection-rate echo server listens on `ECHO_PORTS` ports from `ECHO_PORT`; every
 /// measurement dials a fresh one, so TIME_WAIT and conntrack entries of earlier rounds (tens of
 /// thousands of connections) never collide with new ones and slow the later rounds.
@@ -55,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     let cg = PodCgroups::create()?;
     let topo = Topology::create(TopologySpec {
         prefix: unique_prefix("bf"),
-        pods: 4,
+        pods: 6,
         ipv6: false,
     })?;
     let me = std::env::current_exe()?;
@@ -66,6 +70,18 @@ fn main() -> anyhow::Result<()> {
     };
     spawn_in(
         2,
+        Path::new("sockperf"),
+        &[
+            "sr",
+            "--tcp",
+            "-i",
+            "0.0.0.0",
+            "-p",
+            &SOCKPERF_PORT.to_string(),
+        ],
+    )?;
+    spawn_in(
+        6,
         Path::new("sockperf"),
         &[
             "sr",
@@ -90,12 +106,22 @@ fn main() -> anyhow::Result<()> {
     );
 
     let mut results = Vec::new();
+    let (mut control_alone, mut control_noisy) = (Vec::new(), Vec::new());
     for mode in ["per-tenant", "shared"] {
         let mut daemon = cg.start_daemon(&topo, &view, mode)?;
         daemon.wait_ready(Duration::from_secs(20))?;
         let mut alone = Vec::new();
         let mut noisy = Vec::new();
         for round in 1..=rounds {
+            // The control pair does not go through the daemon: measured in the first mode only.
+            let control = mode == "per-tenant";
+            if control {
+                let (p50, p99) = ping_pong(&topo, &cg, 5, 6, secs)?;
+                eprintln!(
+                    "[outside the mesh] round {round}/{rounds} alone:  p50 {p50:.0} µs, p99 {p99:.0} µs"
+                );
+                control_alone.push(p99);
+            }
             let a = measure_victim(&topo, &cg, &me, secs)?;
             eprintln!("[{mode}] round {round}/{rounds} alone:  {a}");
             alone.push(a);
@@ -109,10 +135,19 @@ fn main() -> anyhow::Result<()> {
                     "-P",
                     "4",
                     "-t",
-                    &(2 * secs + 10).to_string(),
+                    &(3 * secs + 10).to_string(),
                 ],
             )?;
             std::thread::sleep(Duration::from_secs(1));
+            if control {
+                let c = ping_pong(&topo, &cg, 5, 6, secs);
+                if let Ok((p50, p99)) = &c {
+                    eprintln!(
+                        "[outside the mesh] round {round}/{rounds} with B: p50 {p50:.0} µs, p99 {p99:.0} µs"
+                    );
+                    control_noisy.push(*p99);
+                }
+            }
             let n = measure_victim(&topo, &cg, &me, secs);
             let _ = bulk.kill();
             let _ = bulk.wait();
@@ -160,8 +195,10 @@ fn main() -> anyhow::Result<()> {
     }
     let on = &results[0];
     let off = &results[1];
+    let control = median(control_noisy) / median(control_alone);
+    println!("outside the mesh (the kernel alone, no proxy): p99 with B / alone ×{control:.2}");
     println!(
-        "victim_p99_ratio={:.2} victim_conn_rate_ratio={:.2} off_p99_ratio={:.2} off_conn_rate_ratio={:.2}",
+        "victim_p99_ratio={:.2} victim_conn_rate_ratio={:.2} off_p99_ratio={:.2} off_conn_rate_ratio={:.2} control_p99_ratio={control:.2}",
         on.p99_noisy / on.p99_alone,
         on.rate_noisy / on.rate_alone,
         off.p99_noisy / off.p99_alone,
@@ -201,37 +238,7 @@ fn measure_victim(
     me: &Path,
     secs: u64,
 ) -> anyhow::Result<Victim> {
-    let server = topo.pod_ip(2).to_string();
-    let out = cg
-        .command(
-            "pod1",
-            topo.pod(1),
-            Path::new("sockperf"),
-            &[
-                "pp",
-                "--tcp",
-                "-i",
-                &server,
-                "-p",
-                &SOCKPERF_PORT.to_string(),
-                "-t",
-                &secs.to_string(),
-                "-m",
-                "64",
-                "--full-rtt",
-            ],
-        )
-        .output()
-        .context("run sockperf pp (install sockperf)")?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let pct = |p: &str| -> anyhow::Result<f64> {
-        text.lines()
-            .find(|l| l.contains(&format!("percentile {p} =")))
-            .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
-            .with_context(|| format!("no percentile {p} in sockperf output:\n{text}"))
-    };
-    let (p99_us, p50_us) = (pct("99.000")?, pct("50.000")?);
+    let (p50_us, p99_us) = ping_pong(topo, cg, 1, 2, secs)?;
     let port =
         ECHO_PORT + NEXT_ECHO.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ECHO_PORTS;
     let addr = SocketAddr::from((topo.pod_ip(2), port)).to_string();
@@ -258,6 +265,47 @@ fn measure_victim(
         p50_us,
         conn_per_s,
     })
+}
+
+/// `sockperf pp` from pod `client` (in its cgroup) to the sockperf server in pod `server`:
+/// (p50, p99) of the round-trip time in µs.
+fn ping_pong(
+    topo: &Topology,
+    cg: &PodCgroups,
+    client: usize,
+    server: usize,
+    secs: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let out = cg
+        .command(
+            &format!("pod{client}"),
+            topo.pod(client),
+            Path::new("sockperf"),
+            &[
+                "pp",
+                "--tcp",
+                "-i",
+                &topo.pod_ip(server).to_string(),
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-m",
+                "64",
+                "--full-rtt",
+            ],
+        )
+        .output()
+        .context("run sockperf pp (install sockperf)")?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+            .with_context(|| format!("no percentile {p} in sockperf output:\n{text}"))
+    };
+    Ok((pct("50.000")?, pct("99.000")?))
 }
 
 /// Helper role: echo one message per connection (the victim's connection-rate server), on
@@ -328,7 +376,7 @@ impl PodCgroups {
         // The daemon's pod weight: by default a pod's worth per tenant it serves (2 here), as
         // a DaemonSet sized by its CPU request would be.
         let daemon_weight: u64 = env_or("DAEMON_WEIGHT", 200);
-        for g in ["pod1", "pod2", "pod3", "pod4", "daemon"] {
+        for g in POD_GROUPS {
             let dir = me.root.join(g);
             std::fs::create_dir_all(&dir)?;
             let weight = if g == "daemon" { daemon_weight } else { 100 };
@@ -424,7 +472,7 @@ impl PodCgroups {
 impl Drop for PodCgroups {
     fn drop(&mut self) {
         // Processes were killed with the topology; empty groups can go, children first.
-        for g in ["pod1", "pod2", "pod3", "pod4", "daemon"] {
+        for g in POD_GROUPS {
             let dir = self.root.join(g);
             for _ in 0..50 {
                 if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
@@ -458,9 +506,10 @@ fn remove_tree(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// The median; NaN for no values.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
