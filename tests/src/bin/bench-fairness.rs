@@ -98,7 +98,13 @@ fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let view = dir.path().join("view.yaml");
-    std::fs::write(&view, VIEW)?;
+    let mut text = VIEW.to_owned();
+    if let Ok(w) = std::env::var("TENANT_WEIGHT") {
+        for sa in ["victim", "bulk"] {
+            text.push_str(&format!("---\napiVersion: nodeproxy.io/v1alpha1\nkind: TenantPolicy\nmetadata: {{name: {sa}, namespace: bench}}\nspec: {{serviceAccount: {sa}, weight: {w}}}\n"));
+        }
+    }
+    std::fs::write(&view, text)?;
     eprintln!(
         "nodeproxy binary: {}; cgroups: {}",
         nodeproxy_bin().display(),
