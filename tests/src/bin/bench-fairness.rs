@@ -68,30 +68,21 @@ fn main() -> anyhow::Result<()> {
         topo.track(child);
         Ok(())
     };
-    spawn_in(
-        2,
-        Path::new("sockperf"),
-        &[
-            "sr",
-            "--tcp",
-            "-i",
-            "0.0.0.0",
-            "-p",
-            &SOCKPERF_PORT.to_string(),
-        ],
-    )?;
-    spawn_in(
-        6,
-        Path::new("sockperf"),
-        &[
-            "sr",
-            "--tcp",
-            "-i",
-            "0.0.0.0",
-            "-p",
-            &SOCKPERF_PORT.to_string(),
-        ],
-    )?;
+    // sockperf servers: the victim's (pod 2) and the control's (pod 6).
+    for pod in [2, 6] {
+        spawn_in(
+            pod,
+            Path::new("sockperf"),
+            &[
+                "sr",
+                "--tcp",
+                "-i",
+                "0.0.0.0",
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+            ],
+        )?;
+    }
     spawn_in(2, &me, &["echo-server", &ECHO_PORT.to_string()])?;
     spawn_in(4, Path::new("iperf3"), &["-s", "-p", "5201"])?;
     std::thread::sleep(Duration::from_millis(500));
