@@ -603,6 +603,24 @@ mod tests {
     }
 
     #[test]
+    fn the_scheduler_slice_is_checked_against_the_kernels_range() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.isolation.sched_slice_us, Some(DEFAULT_SCHED_SLICE_US));
+        assert_eq!(
+            parse(&["--sched-slice-us", "0"])
+                .unwrap()
+                .isolation
+                .sched_slice_us,
+            None
+        );
+        let err = parse(&["--sched-slice-us", "50"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--sched-slice-us 50") && err.contains("100..=100000"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_shared_listener_address_is_an_error() {
         let err = parse(&["--admin-addr", "0.0.0.0:15020"]).unwrap_err();
         assert!(err.to_string().contains("0.0.0.0:15020"), "{err}");
