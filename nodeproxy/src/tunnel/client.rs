@@ -1,7 +1,8 @@
 //! The tunnel's client half: the pool-side job for a connection to a remote meshed pod.
 //!
-//! Owns [`outbound`] (the job: get a tunnel stream, copy both ways, count) and [`ConnPool`]:
-//! HTTP/2 connections over mTLS keyed by (destination identity, peer node). The pool lives in
+//! Owns [`outbound`] (the job: get a tunnel stream, copy both ways through `super::copy`,
+//! count) and [`ConnPool`]: HTTP/2 connections (`h2`, each driven by a task of its own on this
+//! thread) over mTLS keyed by (destination identity, peer node). The pool lives in
 //! the *source* tenant's [`super::TenantTls`] on that tenant's thread, so the key of the map is
 //! implicitly (source identity, destination identity, peer node) and a connection is never
 //! shared across source identities. Each connection carries at most
@@ -12,18 +13,14 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use certs::Identity;
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::copy::{self, H2Stream};
 use super::{HANDSHAKE_TIMEOUT, Mesh, TenantTls, TunnelError, count_handshake};
 use crate::metrics::{ConnMetrics, Direction};
 use crate::relay::CONNECT_TIMEOUT;
@@ -38,16 +35,29 @@ pub struct RemotePeer {
     pub node: SocketAddr,
 }
 
-type Sender = http2::SendRequest<Empty<Bytes>>;
+type Sender = h2::client::SendRequest<Bytes>;
 
 /// One pooled HTTP/2 connection.
 #[derive(Debug)]
 struct Conn {
-    send: http2::SendRequest<Empty<Bytes>>,
+    send: Sender,
     streams: Rc<Cell<usize>>,
+    /// Set by the task driving the connection when it ends.
+    closed: Rc<Cell<bool>>,
     /// The certificate generation the connection was made with: after a rotation new
     /// streams go to new connections (with the new certificate); old ones drain.
     generation: u64,
+}
+
+impl Conn {
+    /// Whether new streams may still be opened: the connection runs and has seen no
+    /// connection error (a GOAWAY, a protocol error, stream ids used up).
+    fn is_open(&mut self) -> bool {
+        // Our own handle never sends a request, so it never waits for a stream to open:
+        // polling it only checks the connection, and no wake-up is needed.
+        let mut cx = Context::from_waker(Waker::noop());
+        !self.closed.get() && !matches!(self.send.poll_ready(&mut cx), Poll::Ready(Err(_)))
+    }
 }
 
 /// The source tenant's tunnel connections, keyed by (destination identity, peer node).
@@ -65,9 +75,9 @@ impl ConnPool {
     ) -> Option<(Sender, Rc<Cell<usize>>)> {
         let list = self.conns.get_mut(key)?;
         // Dropping our handle lets a connection close once its last stream ends.
-        list.retain(|c| !c.send.is_closed() && c.generation == generation);
+        list.retain_mut(|c| c.generation == generation && c.is_open());
         list.iter()
-            .find(|c| c.streams.get() < super::MAX_STREAMS_PER_CONN && c.send.is_ready())
+            .find(|c| c.streams.get() < super::MAX_STREAMS_PER_CONN)
             .map(|c| (c.send.clone(), c.streams.clone()))
     }
 
@@ -83,47 +93,10 @@ impl ConnPool {
 }
 
 /// A CONNECT stream through the tunnel; releases its slot on the connection when dropped.
+#[derive(Debug)]
 pub struct TunnelStream {
-    io: TokioIo<hyper::upgrade::Upgraded>,
-    slot: Rc<Cell<usize>>,
-}
-
-impl std::fmt::Debug for TunnelStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelStream").finish_non_exhaustive()
-    }
-}
-
-impl Drop for TunnelStream {
-    fn drop(&mut self) {
-        self.slot.set(self.slot.get().saturating_sub(1));
-    }
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    stream: H2Stream,
+    _slot: SlotGuard,
 }
 
 /// Opens a CONNECT stream to `target` through `peer`, from the tenant `tls` belongs to.
@@ -136,10 +109,10 @@ pub async fn open_stream(
     let current = super::current(tls).await?;
     let generation = current.generation();
     let picked = tls.conns.borrow_mut().pick(&key, generation);
-    let (mut send, slot) = match picked {
+    let (send, slot) = match picked {
         Some(p) => p,
         None => {
-            let send = dial(tls, &current, peer).await?;
+            let (send, closed) = dial(tls, &current, peer).await?;
             let slot = Rc::new(Cell::new(0));
             tls.conns
                 .borrow_mut()
@@ -149,6 +122,7 @@ pub async fn open_stream(
                 .push(Conn {
                     send: send.clone(),
                     streams: slot.clone(),
+                    closed,
                     generation,
                 });
             (send, slot)
@@ -156,7 +130,7 @@ pub async fn open_stream(
     };
     slot.set(slot.get() + 1);
     // From here on the slot is released by the guard, whatever happens.
-    let guard = SlotGuard(slot.clone());
+    let guard = SlotGuard(slot);
     let refused = |reason: String| TunnelError::Connect2 {
         peer: peer.node,
         target,
@@ -165,11 +139,12 @@ pub async fn open_stream(
     let req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(target.to_string())
-        .body(Empty::<Bytes>::new())
+        .body(())
         .map_err(|e| refused(format!("cannot build the CONNECT request: {e}")))?;
-    let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        send.ready().await?;
-        send.send_request(req).await
+    let (resp, send) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut send = send.ready().await?;
+        let (resp, stream) = send.send_request(req, false)?;
+        Ok::<_, h2::Error>((resp.await?, stream))
     })
     .await
     .map_err(|_| refused(format!("no answer within {HANDSHAKE_TIMEOUT:?}")))?
@@ -177,16 +152,17 @@ pub async fn open_stream(
     if resp.status() != http::StatusCode::OK {
         return Err(refused(format!("the peer answered {}", resp.status())));
     }
-    let upgraded = hyper::upgrade::on(resp)
-        .await
-        .map_err(|e| refused(format!("no stream after 200: {e}")))?;
-    std::mem::forget(guard);
     Ok(TunnelStream {
-        io: TokioIo::new(upgraded),
-        slot,
+        stream: H2Stream {
+            send,
+            recv: resp.into_body(),
+        },
+        _slot: guard,
     })
 }
 
+/// Holds one stream's place on a pooled connection.
+#[derive(Debug)]
 struct SlotGuard(Rc<Cell<usize>>);
 
 impl Drop for SlotGuard {
@@ -200,7 +176,7 @@ async fn dial(
     tls: &TenantTls,
     current: &certs::Current,
     peer: &RemotePeer,
-) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+) -> Result<(Sender, Rc<Cell<bool>>), TunnelError> {
     let tenant = tls.store.identity().clone();
     let name = rustls::pki_types::ServerName::try_from(certs::sni::encode(&peer.identity)?)
         .map_err(|e| TunnelError::Handshake {
@@ -250,24 +226,35 @@ async fn dial(
             });
         }
     };
-    let (send, conn) = http2::Builder::new(super::LocalExec)
-        .initial_stream_window_size(super::STREAM_WINDOW)
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONN_WINDOW)
         .max_frame_size(super::MAX_FRAME)
-        .max_send_buf_size(super::SEND_BUF)
-        .handshake(TokioIo::new(tls_stream))
+        .max_send_buffer_size(super::SEND_BUF)
+        .max_header_list_size(super::MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(super::MAX_LOCAL_ERROR_RESETS))
+        .initial_max_send_streams(super::MAX_STREAMS_PER_CONN)
+        .enable_push(false)
+        .handshake(tls_stream);
+    let http2_failed = |reason: String| TunnelError::Handshake {
+        peer: peer.node,
+        reason,
+    };
+    let (send, conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|e| TunnelError::Handshake {
-            peer: peer.node,
-            reason: format!("HTTP/2: {e}"),
-        })?;
+        .map_err(|_| http2_failed(format!("no HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}")))?
+        .map_err(|e| http2_failed(format!("HTTP/2: {e}")))?;
+    let closed = Rc::new(Cell::new(false));
     let node = peer.node;
+    let ended = closed.clone();
+    // The connection's own task, on this (the tenant's) thread like everything else here.
     tokio::task::spawn_local(async move {
         if let Err(e) = conn.await {
             tracing::debug!(peer = %node, error = %e, "tunnel connection ended");
         }
+        ended.set(true);
     });
-    Ok(send)
+    Ok((send, closed))
 }
 
 /// The pool job for a captured connection of `pod`'s tenant to a remote meshed pod: through
@@ -319,16 +306,11 @@ async fn relay(
         }
     };
     drop(tls);
-    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 64 * 1024, 64 * 1024).await {
-        Ok((from_down, from_up)) => {
-            m.read_bytes.increment(from_down);
-            m.write_bytes.increment(from_up);
-            "none"
-        }
+    match copy::join(&mut down, &mut up.stream, &m.read_bytes, &m.write_bytes).await {
+        Ok(()) => "none",
         Err(e) => {
             tracing::debug!(%dst, error = %e, "tunnelled connection failed");
-            let _ = socket2::SockRef::from(&down).set_linger(Some(std::time::Duration::ZERO));
-            "io"
+            e.kind()
         }
     }
 }

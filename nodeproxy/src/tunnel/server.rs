@@ -3,26 +3,26 @@
 //! Owns [`serve`]: runs on the **destination** tenant's pool (chosen by the accept loop in
 //! [`crate::inbound`] from the SNI), terminates TLS with that tenant's certificate, reads the
 //! client's SPIFFE identity (the chain was verified by webpki during the handshake), then
-//! serves HTTP/2: each CONNECT stream names a local pod (`:authority`), which must belong to
-//! this tenant; the stream is joined to a new TCP connection to that pod.
+//! serves HTTP/2 (`h2`): each CONNECT stream names a local pod (`:authority`), which must
+//! belong to this tenant ([`decide`], no I/O); the stream is joined to a new TCP connection to
+//! that pod through `super::copy`. Each stream is a task of its own on this thread.
 //!
 //! Must not touch: other tenants' pools or certificates, the outbound side.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use certs::Identity;
-use http_body_util::Empty;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode, Uri};
 use tokio::net::TcpStream;
 
+use super::copy::{self, H2Stream};
 use super::{HANDSHAKE_TIMEOUT, MAX_STREAMS_PER_CONN, Mesh, count_handshake};
 use crate::metrics::{ConnMetrics, Direction};
 use crate::relay::CONNECT_TIMEOUT;
+use crate::state::Snapshot;
 
 /// Serves one inbound tunnel connection for `tenant` (the identity the client's SNI named).
 pub async fn serve(stream: std::net::TcpStream, client: SocketAddr, tenant: Identity, mesh: Mesh) {
@@ -72,63 +72,136 @@ pub async fn serve(stream: std::net::TcpStream, client: SocketAddr, tenant: Iden
     };
     count_handshake(&tenant, "inbound", "ok");
     tracing::debug!(%tenant, %client, peer = %peer_id, "tunnel connection accepted");
-    let service = {
-        let (tenant, peer_id, mesh) = (tenant.clone(), peer_id.clone(), mesh.clone());
-        service_fn(move |req| handle(req, tenant.clone(), peer_id.clone(), mesh.clone()))
-    };
-    let served = http2::Builder::new(super::LocalExec)
+    serve_http2(tls_stream, client, tenant, peer_id, mesh).await;
+}
+
+/// HTTP/2 on an accepted mTLS connection: each CONNECT stream is a task of its own.
+async fn serve_http2<T>(tls: T, client: SocketAddr, tenant: Identity, peer_id: Identity, mesh: Mesh)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32)
-        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONN_WINDOW)
         .max_frame_size(super::MAX_FRAME)
-        .max_send_buf_size(super::SEND_BUF)
-        .serve_connection(TokioIo::new(tls_stream), service)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(%tenant, %client, error = %e, "tunnel connection ended");
+        .max_send_buffer_size(super::SEND_BUF)
+        .max_header_list_size(super::MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(super::MAX_LOCAL_ERROR_RESETS))
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%tenant, %client, error = %e, "tunnel connection ended");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%tenant, %client, "no HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    // Accepting also drives the connection: it runs until the client goes away.
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                let (tenant, peer_id, mesh) = (tenant.clone(), peer_id.clone(), mesh.clone());
+                tokio::task::spawn_local(handle(req, respond, tenant, peer_id, mesh));
+            }
+            Err(e) => {
+                tracing::debug!(%tenant, %client, error = %e, "tunnel connection ended");
+                return;
+            }
+        }
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut resp = Response::new(Empty::new());
+/// Why a CONNECT request is refused (decided from its head and the snapshot, no I/O).
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Not a CONNECT.
+    Method,
+    /// `:authority` is not an `ip:port`.
+    Authority,
+    /// The target is not a local pod of the tenant whose certificate the client asked for;
+    /// `owner` is whose pod it is, if any.
+    NotOurs {
+        target: SocketAddr,
+        owner: Option<Identity>,
+    },
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::Authority => StatusCode::BAD_REQUEST,
+            Refusal::NotOurs { .. } => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// The decide phase of one stream: the local pod to connect to, or why not.
+fn decide(
+    method: &Method,
+    uri: &Uri,
+    snapshot: &Snapshot,
+    tenant: &Identity,
+) -> Result<SocketAddr, Refusal> {
+    if method != Method::CONNECT {
+        return Err(Refusal::Method);
+    }
+    let target = uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(Refusal::Authority)?;
+    let owner = snapshot.pod_by_ip(target.ip()).map(|p| p.tenant.clone());
+    if owner.as_ref() != Some(tenant) {
+        return Err(Refusal::NotOurs { target, owner });
+    }
+    Ok(target)
+}
+
+/// Answers a stream with `code` and no body.
+fn respond_status(
+    respond: &mut SendResponse<Bytes>,
+    code: StatusCode,
+    end: bool,
+) -> Result<h2::SendStream<Bytes>, h2::Error> {
+    let mut resp = Response::new(());
     *resp.status_mut() = code;
-    resp
+    respond.send_response(resp, end)
 }
 
 /// One CONNECT stream: check, connect to the local pod, answer 200 and join the two.
 async fn handle(
-    mut req: Request<hyper::body::Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     tenant: Identity,
     peer_id: Identity,
     mesh: Mesh,
-) -> Result<Response<Empty<Bytes>>, Infallible> {
-    if req.method() != http::Method::CONNECT {
-        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
-    }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return Ok(status(StatusCode::BAD_REQUEST));
+) {
+    let decided = decide(req.method(), req.uri(), &mesh.snapshot.load(), &tenant);
+    let target = match decided {
+        Ok(target) => target,
+        Err(refusal) => {
+            if let Refusal::NotOurs { target, owner } = &refusal {
+                tracing::warn!(%tenant, peer = %peer_id, %target, owner = ?owner.as_ref().map(|o| o.to_string()), "refusing CONNECT: target is not a local pod of this identity");
+            }
+            let _ = respond_status(&mut respond, refusal.status(), true);
+            return;
+        }
     };
-    // The target must be a local pod of the tenant whose certificate the client asked for.
-    let owner = mesh
-        .snapshot
-        .load()
-        .pod_by_ip(target.ip())
-        .map(|p| p.tenant.clone());
-    if owner.as_ref() != Some(&tenant) {
-        tracing::warn!(%tenant, peer = %peer_id, %target, owner = ?owner.map(|o| o.to_string()), "refusing CONNECT: target is not a local pod of this identity");
-        return Ok(status(StatusCode::FORBIDDEN));
-    }
-    let up = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+    let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%tenant, %target, error = %e, "local pod refused the connection");
-            return Ok(status(StatusCode::BAD_GATEWAY));
+            let _ = respond_status(&mut respond, StatusCode::BAD_GATEWAY, true);
+            return;
         }
-        Err(_) => return Ok(status(StatusCode::GATEWAY_TIMEOUT)),
+        Err(_) => {
+            let _ = respond_status(&mut respond, StatusCode::GATEWAY_TIMEOUT, true);
+            return;
+        }
     };
     let _ = up.set_nodelay(true);
     let mut m = ConnMetrics::open_with_peer(
@@ -136,32 +209,81 @@ async fn handle(
         Direction::Inbound,
         &peer_id.to_string(),
     );
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::task::spawn_local(async move {
-        let mut up = up;
-        let outcome = match on_upgrade.await {
-            Ok(upgraded) => {
-                let mut down = TokioIo::new(upgraded);
-                match tokio::io::copy_bidirectional_with_sizes(
-                    &mut down,
-                    &mut up,
-                    64 * 1024,
-                    64 * 1024,
-                )
-                .await
-                {
-                    Ok((from_down, from_up)) => {
-                        m.read_bytes.increment(from_down);
-                        m.write_bytes.increment(from_up);
-                        "none"
-                    }
-                    Err(_) => "io",
+    let outcome = match respond_status(&mut respond, StatusCode::OK, false) {
+        Ok(send) => {
+            let mut stream = H2Stream {
+                send,
+                recv: req.into_body(),
+            };
+            // Downstream is the tunnel's client here: what comes from it is read, what goes
+            // to it is written.
+            match copy::join(&mut up, &mut stream, &m.write_bytes, &m.read_bytes).await {
+                Ok(()) => "none",
+                Err(e) => {
+                    tracing::debug!(%tenant, peer = %peer_id, %target, error = %e, "inbound tunnelled connection failed");
+                    e.kind()
                 }
             }
-            Err(_) => "io",
-        };
-        tracing::debug!(%tenant, peer = %peer_id, %target, outcome, "inbound tunnelled connection closed");
-        m.set_outcome(outcome);
-    });
-    Ok(status(StatusCode::OK))
+        }
+        // The client reset the stream while we connected.
+        Err(_) => "io",
+    };
+    tracing::debug!(%tenant, peer = %peer_id, %target, outcome, "inbound tunnelled connection closed");
+    m.set_outcome(outcome);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use controlplane::view::NodeView;
+
+    use super::*;
+
+    const VIEW: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodeproxy.io/mesh: enabled}}\n\
+        ---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\n\
+        spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, image: i}]}\n\
+        status: {phase: Running, podIP: 10.0.0.2}\n\
+        ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\n\
+        spec: {serviceAccountName: db, nodeName: n1, containers: [{name: c, image: i}]}\n\
+        status: {phase: Running, podIP: 10.0.0.3}\n";
+
+    #[test]
+    fn a_connect_is_let_through_only_to_a_local_pod_of_the_named_tenant() {
+        let objects = controlplane::FileSource::parse_str("test", VIEW).unwrap();
+        let snapshot = Snapshot::new(NodeView::build(&objects, "n1", "cluster.local").unwrap(), 1);
+        let web: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let db: Identity = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let cases = [
+            (Method::CONNECT, "10.0.0.2:8080", Ok(addr("10.0.0.2:8080"))),
+            (Method::GET, "10.0.0.2:8080", Err(Refusal::Method)),
+            (Method::CONNECT, "web.shop:8080", Err(Refusal::Authority)),
+            (
+                Method::CONNECT,
+                "10.0.0.3:5432",
+                Err(Refusal::NotOurs {
+                    target: addr("10.0.0.3:5432"),
+                    owner: Some(db),
+                }),
+            ),
+            (
+                Method::CONNECT,
+                "10.9.9.9:80",
+                Err(Refusal::NotOurs {
+                    target: addr("10.9.9.9:80"),
+                    owner: None,
+                }),
+            ),
+        ];
+        for (method, uri, want) in cases {
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(
+                decide(&method, &uri, &snapshot, &web),
+                want,
+                "{method} {uri}"
+            );
+        }
+        assert_eq!(Refusal::Method.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(Refusal::Authority.status(), StatusCode::BAD_REQUEST);
+    }
 }
