@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use nodeproxy::admin_client::metric_sum;
 use nodeproxy::lab::twonode::{Side, TwoNodes};
-use nodeproxy_tests::{Daemon, privileged, tcp_echo_server, tcp_roundtrip, unique_prefix};
+use nodeproxy_tests::{
+    Daemon, privileged, tcp_connect, tcp_echo_server, tcp_roundtrip, unique_prefix,
+};
 
 const ADMIN: &str = "127.0.0.1:15000";
 const METRICS: &str = "127.0.0.1:15020";
@@ -222,6 +224,48 @@ fn pod_on_a_reaches_pod_on_b_through_the_mtls_tunnel() {
         no_key_material("the daemon's log", &d.logs());
     }
     drop(m.dir);
+}
+
+#[test]
+fn tunnelled_bytes_are_counted_while_the_connection_is_open() {
+    if !privileged("tunnelled_bytes_are_counted_while_the_connection_is_open") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let m = start_mesh("mb", 3600);
+    let (_server, to_b) = echo_on_b(&m.topo);
+    let payload = vec![7u8; 200_000];
+    let mut conn = tcp_connect(&m.topo.pod(Side::A, 1), None, to_b).unwrap();
+    conn.write_all(&payload).unwrap();
+    let mut echo = vec![0u8; payload.len()];
+    conn.read_exact(&mut echo).unwrap();
+    assert!(echo == payload, "the echo differs from what was sent");
+    // Still open: both daemons already count what went each way.
+    let bytes = |d: &Daemon, tenant: &str, peer: &str, metric: &str| {
+        d.metrics().map_or(0.0, |s| {
+            metric_sum(&s, metric, &[("tenant", tenant), ("peer", peer)])
+        })
+    };
+    let n = payload.len() as f64;
+    poll(
+        "byte counters of the open connection",
+        Duration::from_secs(10),
+        || {
+            let counted = [
+                bytes(&m.a, CLIENT, SERVER, "nodeproxy_tcp_read_bytes_total"),
+                bytes(&m.a, CLIENT, SERVER, "nodeproxy_tcp_write_bytes_total"),
+                bytes(&m.b, SERVER, CLIENT, "nodeproxy_tcp_read_bytes_total"),
+                bytes(&m.b, SERVER, CLIENT, "nodeproxy_tcp_write_bytes_total"),
+            ];
+            counted.iter().all(|&c| c >= n).then_some(())
+        },
+    );
+    let closed = |d: &Daemon| {
+        d.metrics()
+            .map_or(0.0, |s| metric_sum(&s, "nodeproxy_tcp_close_total", &[]))
+    };
+    assert_eq!(closed(&m.a), 0.0, "the connection is still open");
+    drop(conn);
 }
 
 /// `openssl s_client` from node A against node B's 15008, naming the server identity.
