@@ -2,9 +2,10 @@
 //!
 //! Owns: the privilege gate for tests that need root ([`privileged`]), unique namespace prefixes
 //! so such tests run in parallel ([`unique_prefix`]), running the `nodeproxy` binary inside a
-//! network namespace ([`Daemon`]), and small TCP helpers that run inside namespaces
-//! ([`tcp_echo_server`], [`tcp_roundtrip`]). Topologies themselves come from
-//! [`nodeproxy::lab::topology`], re-exported here.
+//! network namespace ([`Daemon`]), a topology with a config file for a daemon on its node
+//! ([`NodeLab`]), and small TCP helpers that run inside namespaces ([`tcp_echo_server`],
+//! [`tcp_roundtrip`]). Topologies themselves come from [`nodeproxy::lab::topology`], re-exported
+//! here.
 //!
 //! Must not touch: the host namespace's firewall, routes or sysctls. Everything privileged
 //! happens inside namespaces a [`Topology`] created.
@@ -14,6 +15,10 @@ pub mod net;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tempfile::TempDir;
 
 pub use daemon::{Daemon, http_get};
 pub use net::{EchoServer, Seen, tcp_connect, tcp_echo_server, tcp_roundtrip};
@@ -22,7 +27,6 @@ pub use nodeproxy::lab::topology::{Netns, Topology, TopologyError, TopologySpec}
 /// Benchmarks only: one iperf3 single-stream run from inside `ns` to an `iperf3 -s` at
 /// `server`, for `secs` seconds; the received bits per second.
 pub fn iperf3_bps(ns: &Netns, server: std::net::IpAddr, secs: u32) -> anyhow::Result<f64> {
-    use anyhow::Context as _;
     let out = ns
         .command("iperf3")
         .args(["-c", &server.to_string(), "-t", &secs.to_string(), "-J"])
@@ -35,6 +39,92 @@ pub fn iperf3_bps(ns: &Netns, server: std::net::IpAddr, secs: u32) -> anyhow::Re
     json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 JSON without end.sum_received.bits_per_second")
+}
+
+/// The node a [`NodeLab`]'s daemons run as (`--node`): its view places its pods on it.
+const NODE: &str = "n1";
+const ADMIN: &str = "127.0.0.1:15000";
+const METRICS: &str = "127.0.0.1:15020";
+/// How long [`NodeLab::start`] waits for the daemon to be ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A [`Topology`] and a view file (`view.yaml` in a temporary directory) for a `nodeproxy` daemon
+/// in its node namespace: what a privileged daemon test sets up first. Dropping it removes both.
+#[derive(Debug)]
+pub struct NodeLab {
+    /// The node and its pods.
+    pub topo: Topology,
+    /// The view file the daemons read (`--config`); tests may rewrite it and send SIGHUP.
+    pub config: PathBuf,
+    // Held so the view file lives as long as the lab.
+    _dir: TempDir,
+}
+
+impl NodeLab {
+    /// An IPv4-only topology with `pods` pods named by `prefix` (see [`unique_prefix`]), and
+    /// `view` written to the view file.
+    pub fn create(prefix: String, pods: usize, view: &str) -> anyhow::Result<NodeLab> {
+        NodeLab::with_spec(
+            TopologySpec {
+                prefix,
+                pods,
+                ipv6: false,
+            },
+            view,
+        )
+    }
+
+    /// Like [`NodeLab::create`], with IPv6 addresses and routes as well.
+    pub fn dual_stack(prefix: String, pods: usize, view: &str) -> anyhow::Result<NodeLab> {
+        NodeLab::with_spec(
+            TopologySpec {
+                prefix,
+                pods,
+                ipv6: true,
+            },
+            view,
+        )
+    }
+
+    fn with_spec(spec: TopologySpec, view: &str) -> anyhow::Result<NodeLab> {
+        let topo = Topology::create(spec).context("create topology")?;
+        let dir = tempfile::tempdir().context("create a directory for the view file")?;
+        let config = dir.path().join("view.yaml");
+        std::fs::write(&config, view)
+            .with_context(|| format!("write view file {}", config.display()))?;
+        Ok(NodeLab {
+            topo,
+            config,
+            _dir: dir,
+        })
+    }
+
+    /// Starts `nodeproxy run --config <view file> --node n1 <extra...>` in the node namespace,
+    /// without waiting for it to be ready.
+    pub fn spawn(&self, extra: &[&str]) -> anyhow::Result<Daemon> {
+        let config = self
+            .config
+            .to_str()
+            .context("view file path is not UTF-8")?;
+        let mut args = vec!["run", "--config", config, "--node", NODE];
+        args.extend_from_slice(extra);
+        Daemon::start(self.topo.node(), &args)
+    }
+
+    /// Starts the daemon with its admin and metrics endpoints on the node's loopback (ports
+    /// 15000 and 15020) and `--capture <capture>`, and waits until it is ready.
+    pub fn start(&self, capture: &str) -> anyhow::Result<Daemon> {
+        let mut daemon = self.spawn(&[
+            "--admin-addr",
+            ADMIN,
+            "--metrics-addr",
+            METRICS,
+            "--capture",
+            capture,
+        ])?;
+        daemon.wait_ready(READY_TIMEOUT)?;
+        Ok(daemon)
+    }
 }
 
 use nodeproxy::lab::topology::{is_root, which};

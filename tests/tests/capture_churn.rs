@@ -17,10 +17,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use nodeproxy_tests::{Daemon, Netns, Topology, TopologySpec, privileged, unique_prefix};
+use nodeproxy_tests::{Netns, NodeLab, privileged, unique_prefix};
 
-const ADMIN: &str = "127.0.0.1:15000";
-const METRICS: &str = "127.0.0.1:15020";
 /// Server ports the client rotates over, on each of the two server pods.
 const PORTS: [u16; 4] = [9101, 9102, 9103, 9104];
 /// The client's ephemeral port range (64 ports).
@@ -175,33 +173,9 @@ struct Counters {
 /// Runs the churn through a daemon started with `--capture <capture>`: the node's
 /// `TcpExtPAWSTimewait` and the client's `TcpExtTCPSynRetrans` it caused, and the connections.
 fn run(capture: &str, n: usize, stop_on_paws: bool) -> (Counters, Churn) {
-    let topo = Topology::create(TopologySpec {
-        prefix: unique_prefix(&format!("c{capture}")),
-        pods: 3,
-        ipv6: false,
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("view.yaml");
-    std::fs::write(&config, view()).unwrap();
-    let mut daemon = Daemon::start(
-        topo.node(),
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--node",
-            "n1",
-            "--admin-addr",
-            ADMIN,
-            "--metrics-addr",
-            METRICS,
-            "--capture",
-            capture,
-        ],
-    )
-    .unwrap();
-    daemon.wait_ready(Duration::from_secs(20)).unwrap();
+    let lab = NodeLab::create(unique_prefix(&format!("c{capture}")), 3, &view()).unwrap();
+    let topo = &lab.topo;
+    let mut daemon = lab.start(capture).unwrap();
     let mut servers = Vec::new();
     let mut destinations = Vec::new();
     for i in [2, 3] {

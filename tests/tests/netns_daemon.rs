@@ -9,12 +9,9 @@ use std::time::{Duration, Instant};
 
 use nodeproxy::admin_client::metric_sum;
 use nodeproxy_tests::{
-    Daemon, Topology, TopologySpec, privileged, tcp_connect, tcp_echo_server, tcp_roundtrip,
-    unique_prefix,
+    NodeLab, Topology, privileged, tcp_connect, tcp_echo_server, tcp_roundtrip, unique_prefix,
 };
 
-const ADMIN: &str = "127.0.0.1:15000";
-const METRICS: &str = "127.0.0.1:15020";
 const ALPHA: &str = "spiffe://cluster.local/ns/shop/sa/alpha";
 
 /// Pod 1 (alpha) and pod 2 (beta) are meshed; pod 3 is in namespace `plain`, which is meshed
@@ -80,29 +77,6 @@ fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn start(topo: &Topology, config: &std::path::Path, capture: &str) -> Daemon {
-    let config = config.to_str().unwrap();
-    let mut d = Daemon::start(
-        topo.node(),
-        &[
-            "run",
-            "--config",
-            config,
-            "--node",
-            "n1",
-            "--admin-addr",
-            ADMIN,
-            "--metrics-addr",
-            METRICS,
-            "--capture",
-            capture,
-        ],
-    )
-    .unwrap();
-    d.wait_ready(Duration::from_secs(20)).unwrap();
-    d
-}
-
 #[test]
 fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
     if !privileged("captures_meshed_pods_relays_per_tenant_and_cleans_up") {
@@ -122,17 +96,10 @@ fn redirect_capture_still_works() {
 /// v4 and v6 capture of meshed pods, non-mesh traffic untouched, a live mesh change, and nothing
 /// left in the kernel after a clean stop.
 fn captures_relays_and_cleans_up(capture: &str) {
-    let topo = Topology::create(TopologySpec {
-        prefix: unique_prefix(&format!("n{capture}")),
-        pods: 3,
-        ipv6: true,
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("view.yaml");
-    std::fs::write(&config, view(false)).unwrap();
-    let mut daemon = start(&topo, &config, capture);
-    let routing = policy_routing(&topo);
+    let lab = NodeLab::dual_stack(unique_prefix(&format!("n{capture}")), 3, &view(false)).unwrap();
+    let topo = &lab.topo;
+    let mut daemon = lab.start(capture).unwrap();
+    let routing = policy_routing(topo);
     if capture == "tproxy" {
         assert!(
             routing.contains("fwmark 0x1000/0x1000 lookup 15001")
@@ -207,7 +174,7 @@ fn captures_relays_and_cleans_up(capture: &str) {
 
     // Meshing `plain` on the running daemon (SIGHUP reloads the file): pod 3 is captured from
     // now on, by a set update, without reloading the table.
-    std::fs::write(&config, view(true)).unwrap();
+    std::fs::write(&lab.config, view(true)).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
@@ -242,14 +209,11 @@ fn captures_relays_and_cleans_up(capture: &str) {
     );
 
     // A clean stop removes the rules.
-    assert!(nft_tables(&topo).contains("inet nodeproxy"));
+    assert!(nft_tables(topo).contains("inet nodeproxy"));
     let status = daemon.stop().unwrap();
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.logs());
-    assert!(
-        !nft_tables(&topo).contains("nodeproxy"),
-        "rules left behind"
-    );
-    assert_eq!(policy_routing(&topo), "", "policy routing left behind");
+    assert!(!nft_tables(topo).contains("nodeproxy"), "rules left behind");
+    assert_eq!(policy_routing(topo), "", "policy routing left behind");
     // With the rules gone, meshed traffic flows directly again.
     assert_eq!(
         tcp_roundtrip(topo.pod(1), None, to_b4, b"direct").unwrap(),
@@ -263,17 +227,10 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
     if !privileged("a_crashed_daemons_rules_are_replaced_at_the_next_start") {
         return;
     }
-    let topo = Topology::create(TopologySpec {
-        prefix: unique_prefix("nc"),
-        pods: 2,
-        ipv6: false,
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("view.yaml");
-    std::fs::write(&config, view(false)).unwrap();
+    let lab = NodeLab::create(unique_prefix("nc"), 2, &view(false)).unwrap();
+    let topo = &lab.topo;
 
-    let mut first = start(&topo, &config, "tproxy");
+    let mut first = lab.start("tproxy").unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first.pid() as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -283,10 +240,10 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
         first.try_status().ok().flatten()
     });
     assert!(
-        nft_tables(&topo).contains("inet nodeproxy"),
+        nft_tables(topo).contains("inet nodeproxy"),
         "a crash leaves the table"
     );
-    let left = policy_routing(&topo);
+    let left = policy_routing(topo);
     assert!(
         left.contains("lookup 15001"),
         "and the policy routing: {left}"
@@ -298,9 +255,9 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     assert!(server.seen().is_empty(), "a meshed connection got through");
 
-    let mut second = start(&topo, &config, "tproxy");
+    let mut second = lab.start("tproxy").unwrap();
     // Replaced, not duplicated.
-    assert_eq!(policy_routing(&topo), left);
+    assert_eq!(policy_routing(topo), left);
     assert_eq!(
         tcp_roundtrip(topo.pod(1), None, to_b, b"again").unwrap(),
         b"again"
@@ -310,8 +267,8 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
         IpAddr::V4(topo.node_ip_for_pod(2))
     );
     assert!(second.stop().unwrap().success());
-    assert!(!nft_tables(&topo).contains("nodeproxy"));
-    assert_eq!(policy_routing(&topo), "");
+    assert!(!nft_tables(topo).contains("nodeproxy"));
+    assert_eq!(policy_routing(topo), "");
 }
 
 /// At SIGTERM the daemon stops capturing new connections but drains the ones it holds: with
@@ -322,22 +279,15 @@ fn connections_open_at_shutdown_keep_working_while_the_daemon_drains() {
         return;
     }
     use std::io::{Read, Write};
-    let topo = Topology::create(TopologySpec {
-        prefix: unique_prefix("nt"),
-        pods: 2,
-        ipv6: false,
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("view.yaml");
-    std::fs::write(&config, view(false)).unwrap();
+    let lab = NodeLab::create(unique_prefix("nt"), 2, &view(false)).unwrap();
+    let topo = &lab.topo;
     // Without early demux only the rules, not a socket's cached input route, deliver packets of
     // a held connection to it.
     topo.node()
         .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0"))
         .unwrap()
         .unwrap();
-    let mut daemon = start(&topo, &config, "tproxy");
+    let mut daemon = lab.start("tproxy").unwrap();
     let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap();
     let to_b = SocketAddr::new(IpAddr::V4(topo.pod_ip(2)), 8080);
 
@@ -388,8 +338,8 @@ fn connections_open_at_shutdown_keep_working_while_the_daemon_drains() {
 
     let status = poll("the daemon to exit", || daemon.try_status().ok().flatten());
     assert!(status.success(), "{status}\n{}", daemon.logs());
-    assert!(!nft_tables(&topo).contains("nodeproxy"));
-    assert_eq!(policy_routing(&topo), "");
+    assert!(!nft_tables(topo).contains("nodeproxy"));
+    assert_eq!(policy_routing(topo), "");
 }
 
 /// A Service DNAT like kube-proxy's (nat prerouting at `dstnat` for pods, nat output for the
@@ -402,12 +352,8 @@ fn a_service_dnat_like_kube_proxys_still_works_through_the_capture() {
         return;
     }
     for capture in ["tproxy", "redirect"] {
-        let topo = Topology::create(TopologySpec {
-            prefix: unique_prefix(&format!("s{capture}")),
-            pods: 2,
-            ipv6: false,
-        })
-        .unwrap();
+        let lab = NodeLab::create(unique_prefix(&format!("s{capture}")), 2, &view(false)).unwrap();
+        let topo = &lab.topo;
         let pod2 = topo.pod_ip(2);
         let kube_proxy = format!(
             "table ip kubeproxy {{\n\
@@ -434,10 +380,7 @@ fn a_service_dnat_like_kube_proxys_still_works_through_the_capture() {
             .unwrap();
         assert!(route.success());
 
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("view.yaml");
-        std::fs::write(&config, view(false)).unwrap();
-        let mut daemon = start(&topo, &config, capture);
+        let mut daemon = lab.start(capture).unwrap();
         let server = tcp_echo_server(topo.pod(2), SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap();
         let service = SocketAddr::from(([10, 96, 0, 10], 80));
         assert_eq!(
@@ -472,28 +415,9 @@ fn a_missing_nft_binary_is_a_clear_error_and_leaves_nothing() {
     if !privileged("a_missing_nft_binary_is_a_clear_error_and_leaves_nothing") {
         return;
     }
-    let topo = Topology::create(TopologySpec {
-        prefix: unique_prefix("nn"),
-        pods: 1,
-        ipv6: false,
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("view.yaml");
-    std::fs::write(&config, view(false)).unwrap();
-    let mut d = Daemon::start(
-        topo.node(),
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--node",
-            "n1",
-            "--nft",
-            "/nonexistent/nft",
-        ],
-    )
-    .unwrap();
+    let lab = NodeLab::create(unique_prefix("nn"), 1, &view(false)).unwrap();
+    let topo = &lab.topo;
+    let mut d = lab.spawn(&["--nft", "/nonexistent/nft"]).unwrap();
     let status = poll("the daemon to exit", || d.try_status().ok().flatten());
     assert!(!status.success());
     let logs = d.logs();
@@ -501,6 +425,6 @@ fn a_missing_nft_binary_is_a_clear_error_and_leaves_nothing() {
         logs.contains("/nonexistent/nft") && logs.contains("install nftables"),
         "{logs}"
     );
-    assert!(!nft_tables(&topo).contains("nodeproxy"));
-    assert_eq!(policy_routing(&topo), "");
+    assert!(!nft_tables(topo).contains("nodeproxy"));
+    assert_eq!(policy_routing(topo), "");
 }
