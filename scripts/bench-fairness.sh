@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The noisy neighbour: victim tenant A's ping-pong p99 and new-connection rate through nodeproxy,
 # alone and while tenant B pushes iperf3 -P 4 through the same daemon; isolation on and off.
-# Release build; needs root. SECONDS (default 5) per measurement, ROUNDS (default 3).
+# Release build; needs root. SECONDS (default 5) per measurement, ROUNDS (default 5).
 # Last line: victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… off_conn_rate_ratio=…
 set -euo pipefail
 cd "$(dirname "$0")/.."
