@@ -85,7 +85,8 @@ async fn classify(stream: TcpStream, peer: SocketAddr, ctx: Inbound) {
     };
     let mesh = ctx.mesh.clone();
     let t = tenant.clone();
-    if let Err(e) = pool.spawn(move || tunnel::server::serve(std_stream, peer, t, mesh)) {
+    let own = pool.clone();
+    if let Err(e) = pool.spawn(move || tunnel::server::serve(std_stream, peer, t, mesh, own)) {
         tracing::debug!(%tenant, error = %e, "pool closed while handing off a tunnel connection");
         metrics::refused("pool_closed");
     }

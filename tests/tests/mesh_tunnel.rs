@@ -56,10 +56,15 @@ struct Mesh {
 }
 
 fn start_mesh(tag: &str, lifetime_secs: u64) -> Mesh {
+    start_mesh_with(tag, lifetime_secs, "")
+}
+
+/// [`start_mesh`] with `extra` objects appended to both daemons' view.
+fn start_mesh_with(tag: &str, lifetime_secs: u64, extra: &str) -> Mesh {
     let topo = TwoNodes::create(&unique_prefix(tag), 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("view.yaml");
-    std::fs::write(&config, view(&topo)).unwrap();
+    std::fs::write(&config, view(&topo) + extra).unwrap();
     let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
     // The operator's shared CA (standalone mode): created once, loaded by both daemons.
     certs::Ca::load_or_generate("cluster.local", &ca_cert, &ca_key).unwrap();
@@ -266,6 +271,63 @@ fn tunnelled_bytes_are_counted_while_the_connection_is_open() {
     };
     assert_eq!(closed(&m.a), 0.0, "the connection is still open");
     drop(conn);
+}
+
+/// Streams that arrive through the tunnel are the destination tenant's work: over its
+/// connection limit, node B sheds them and counts the refusal against that tenant only.
+#[test]
+fn inbound_tunnel_streams_are_held_to_the_destination_tenants_limits() {
+    if !privileged("inbound_tunnel_streams_are_held_to_the_destination_tenants_limits") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let policy = "---\napiVersion: nodeproxy.io/v1alpha1\nkind: TenantPolicy\n\
+        metadata: {name: server, namespace: shop}\n\
+        spec: {serviceAccount: server, limits: {maxConnections: 1}}\n";
+    let m = start_mesh_with("ml", 3600, policy);
+    let (_server, to_b) = echo_on_b(&m.topo);
+    let payload = b"held".to_vec();
+    let mut held = tcp_connect(&m.topo.pod(Side::A, 1), None, to_b).unwrap();
+    held.write_all(&payload).unwrap();
+    let mut echo = vec![0u8; payload.len()];
+    held.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, payload, "the first connection is within the limit");
+
+    // A second one while the first is open: the server tenant is at its limit.
+    let second = tcp_roundtrip(&m.topo.pod(Side::A, 1), None, to_b, b"over");
+    assert!(
+        !matches!(&second, Ok(reply) if reply == b"over"),
+        "a connection over the destination tenant's limit got through: {second:?}"
+    );
+    let rejected = |d: &Daemon, tenant: &str| {
+        d.metrics().map_or(0.0, |s| {
+            metric_sum(
+                &s,
+                "nodeproxy_tenant_rejected_total",
+                &[("tenant", tenant), ("reason", "connections")],
+            )
+        })
+    };
+    poll("node B's refusal counter", Duration::from_secs(10), || {
+        (rejected(&m.b, SERVER) >= 1.0).then_some(())
+    });
+    assert_eq!(
+        rejected(&m.a, CLIENT),
+        0.0,
+        "the client tenant has no limit"
+    );
+
+    // Once the first connection ends its admission is released, and new ones get through.
+    drop(held);
+    poll(
+        "a connection after the held one closed",
+        Duration::from_secs(10),
+        || {
+            tcp_roundtrip(&m.topo.pod(Side::A, 1), None, to_b, b"again")
+                .ok()
+                .filter(|reply| reply == b"again")
+        },
+    );
 }
 
 /// `openssl s_client` from node A against node B's 15008, naming the server identity.

@@ -4,8 +4,10 @@
 //! [`crate::inbound`] from the SNI), terminates TLS with that tenant's certificate, reads the
 //! client's SPIFFE identity (the chain was verified by webpki during the handshake), then
 //! serves HTTP/2 (`h2`): each CONNECT stream names a local pod (`:authority`), which must
-//! belong to this tenant ([`decide`], no I/O); the stream is joined to a new TCP connection to
-//! that pod through `super::copy`. Each stream is a task of its own on this thread.
+//! belong to this tenant ([`decide`], no I/O); the tenant's pool admits it against the tenant's
+//! own limits (over a limit: 503, counted in `nodeproxy_tenant_rejected_total`); the stream is
+//! joined to a new TCP connection to that pod through `super::copy`. Each stream is a task of
+//! its own on this thread.
 //!
 //! Must not touch: other tenants' pools or certificates, the outbound side.
 
@@ -25,7 +27,14 @@ use crate::relay::CONNECT_TIMEOUT;
 use crate::state::Snapshot;
 
 /// Serves one inbound tunnel connection for `tenant` (the identity the client's SNI named).
-pub async fn serve(stream: std::net::TcpStream, client: SocketAddr, tenant: Identity, mesh: Mesh) {
+/// `pool` is that tenant's own pool: each stream is admitted against its limits.
+pub async fn serve(
+    stream: std::net::TcpStream,
+    client: SocketAddr,
+    tenant: Identity,
+    mesh: Mesh,
+    pool: tenancy::Pool,
+) {
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -72,12 +81,18 @@ pub async fn serve(stream: std::net::TcpStream, client: SocketAddr, tenant: Iden
     };
     count_handshake(&tenant, "inbound", "ok");
     tracing::debug!(%tenant, %client, peer = %peer_id, "tunnel connection accepted");
-    serve_http2(tls_stream, client, tenant, peer_id, mesh).await;
+    serve_http2(tls_stream, client, tenant, peer_id, mesh, pool).await;
 }
 
 /// HTTP/2 on an accepted mTLS connection: each CONNECT stream is a task of its own.
-async fn serve_http2<T>(tls: T, client: SocketAddr, tenant: Identity, peer_id: Identity, mesh: Mesh)
-where
+async fn serve_http2<T>(
+    tls: T,
+    client: SocketAddr,
+    tenant: Identity,
+    peer_id: Identity,
+    mesh: Mesh,
+    pool: tenancy::Pool,
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let handshake = h2::server::Builder::new()
@@ -104,8 +119,9 @@ where
     while let Some(next) = conn.accept().await {
         match next {
             Ok((req, respond)) => {
-                let (tenant, peer_id, mesh) = (tenant.clone(), peer_id.clone(), mesh.clone());
-                tokio::task::spawn_local(handle(req, respond, tenant, peer_id, mesh));
+                let (tenant, peer_id) = (tenant.clone(), peer_id.clone());
+                let (mesh, pool) = (mesh.clone(), pool.clone());
+                tokio::task::spawn_local(handle(req, respond, tenant, peer_id, mesh, pool));
             }
             Err(e) => {
                 tracing::debug!(%tenant, %client, error = %e, "tunnel connection ended");
@@ -172,13 +188,15 @@ fn respond_status(
     respond.send_response(resp, end)
 }
 
-/// One CONNECT stream: check, connect to the local pod, answer 200 and join the two.
+/// One CONNECT stream: check, admit against the tenant's limits, connect to the local pod,
+/// answer 200 and join the two.
 async fn handle(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     tenant: Identity,
     peer_id: Identity,
     mesh: Mesh,
+    pool: tenancy::Pool,
 ) {
     let decided = decide(req.method(), req.uri(), &mesh.snapshot.load(), &tenant);
     let target = match decided {
@@ -188,6 +206,16 @@ async fn handle(
                 tracing::warn!(%tenant, peer = %peer_id, %target, owner = ?owner.as_ref().map(|o| o.to_string()), "refusing CONNECT: target is not a local pod of this identity");
             }
             let _ = respond_status(&mut respond, refusal.status(), true);
+            return;
+        }
+    };
+    // Work that arrives for the tenant's pods is the tenant's work: its limits, its buffers.
+    let _admission = match pool.admit(crate::relay::BUFFER_BYTES) {
+        Ok(admission) => admission,
+        Err(rejection) => {
+            crate::metrics::tenant_rejected(&tenant, rejection.as_str());
+            tracing::debug!(%tenant, peer = %peer_id, %target, reason = rejection.as_str(), "CONNECT shed: the tenant is at its limit");
+            let _ = respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
             return;
         }
     };
