@@ -3,12 +3,14 @@
 //!
 //! Owns [`bidirectional`]: two pipes per connection (one per direction), each direction a loop
 //! of "wait readable → splice into the pipe → wait writable → splice out of it", driven by the
-//! pool's tokio reactor through `try_io`, counting bytes as they pass. Plain TCP relays use it;
+//! pool's tokio reactor through `try_io`, counting bytes as they pass; the pipes of a relay that
+//! ended cleanly are kept (empty) for the thread's next one. Plain TCP relays use it;
 //! anything that must see the bytes (TLS, HTTP) does not.
 //!
 //! Must not touch: classification, metrics names (it takes counters), sockets other than the
 //! two it is given.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -41,10 +43,32 @@ impl Pipe {
 #[derive(Debug)]
 pub struct Pipes([Pipe; 2]);
 
+/// Spare pipes kept per thread for the next connection (four descriptors each).
+const SPARE_MAX: usize = 16;
+
+thread_local! {
+    /// The pipes of relays that ended cleanly on this thread (so empty), for the next ones: a
+    /// new connection then costs no pipe2/fcntl/close. Per thread, so per tenant pool.
+    static SPARE: RefCell<Vec<Pipes>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Pipes {
-    /// Two pipes (four descriptors).
+    /// Two pipes (four descriptors): this thread's spares if it has some, else new ones.
     pub fn new() -> io::Result<Self> {
+        if let Some(pipes) = SPARE.with(|s| s.borrow_mut().pop()) {
+            return Ok(pipes);
+        }
         Ok(Self([Pipe::new()?, Pipe::new()?]))
+    }
+
+    /// Keeps the pipes for this thread's next connection. Only for pipes known to be empty.
+    fn keep_empty(self) {
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARE_MAX {
+                spare.push(self);
+            }
+        });
     }
 }
 
@@ -57,8 +81,11 @@ pub async fn bidirectional(
     a_to_b: &metrics::Counter,
     b_to_a: &metrics::Counter,
 ) -> io::Result<()> {
-    let [p1, p2] = pipes.0;
-    tokio::try_join!(one_way(a, b, &p1, a_to_b), one_way(b, a, &p2, b_to_a))?;
+    let [p1, p2] = &pipes.0;
+    tokio::try_join!(one_way(a, b, p1, a_to_b), one_way(b, a, p2, b_to_a))?;
+    // Both directions reached EOF with every byte spliced out: the pipes are empty. After an
+    // error they may hold bytes, and are closed instead.
+    pipes.keep_empty();
     Ok(())
 }
 
@@ -98,5 +125,78 @@ async fn one_way(
             }
         }
         counter.increment(n as u64);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Client ⇄ (a … b) ⇄ server over loopback, relayed by [`bidirectional`]: the client sends
+    /// `ping` and closes its side, the server answers `pong` and closes. Returns the relay's
+    /// result and the descriptors of the pipes it used.
+    async fn relay_once(reset_server: bool) -> (io::Result<()>, [i32; 2]) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (a, _) = front.accept().await.unwrap();
+        let b = TcpStream::connect(back.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = back.accept().await.unwrap();
+        let pipes = Pipes::new().unwrap();
+        let fds = [pipes.0[0].read.as_raw_fd(), pipes.0[1].read.as_raw_fd()];
+        let (none, none2) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let relay = bidirectional(&a, &b, pipes, &none, &none2);
+        let ends = async {
+            client.write_all(b"ping").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"ping");
+            if reset_server {
+                socket2::SockRef::from(&server)
+                    .set_linger(Some(std::time::Duration::ZERO))
+                    .unwrap();
+                drop(server);
+                return;
+            }
+            server.write_all(b"pong").await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"pong");
+        };
+        let (result, ()) = tokio::join!(relay, ends);
+        (result, fds)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_clean_relays_pipes_serve_the_next_connection_and_a_failed_ones_do_not() {
+        let (first, fds) = relay_once(false).await;
+        first.unwrap();
+        let (second, reused) = relay_once(false).await;
+        second.unwrap();
+        assert_eq!(
+            reused, fds,
+            "the second relay did not reuse the first one's pipes"
+        );
+        // The server resets: that relay fails, and its pipes (possibly not empty) are closed.
+        let (third, used) = relay_once(true).await;
+        assert!(third.is_err(), "a reset should fail the relay");
+        assert_eq!(used, fds);
+        assert_eq!(
+            SPARE.with(|s| s.borrow().len()),
+            0,
+            "a failed relay's pipes were kept"
+        );
     }
 }
