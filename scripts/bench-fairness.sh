@@ -2,6 +2,10 @@
 # The noisy neighbour: victim tenant A's ping-pong p99 and new-connection rate through nodeproxy,
 # alone and while tenant B pushes iperf3 -P 4 through the same daemon; isolation on and off.
 # Release build; needs root. SECONDS (default 5) per measurement, ROUNDS (default 5).
+# TENANT_WEIGHT=N gives both tenants a TenantPolicy weight N (pods have 100); DAEMON_WEIGHT
+# (default 200) is the daemon's own group; TENANT_GROUPS=nested puts the tenant groups under the
+# daemon's group (cgroup v1; flat beside the pods by default); MODES=per-tenant skips the shared
+# mode. scripts/trace-fairness-tail.sh shows where the victim's tail comes from.
 # Last line: victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… off_conn_rate_ratio=…
 set -euo pipefail
 cd "$(dirname "$0")/.."
