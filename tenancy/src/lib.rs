@@ -41,6 +41,15 @@ pub enum Error {
         /// The tenant whose pool is closed.
         tenant: String,
     },
+    /// A service needs a worker of the tenant's own ([`Isolation::PerTenant`]).
+    #[error(
+        "the pool for tenant {tenant} runs on shared workers (isolation: shared); services need \
+         a worker of the tenant's own (isolation: per-tenant)"
+    )]
+    SharedWorkers {
+        /// The tenant whose pool has no worker of its own.
+        tenant: String,
+    },
 }
 
 /// The result type of this crate.
@@ -262,6 +271,78 @@ mod tests {
         let c = pools.get(&"c".to_owned()).unwrap();
         let _c1 = c.admit(0).unwrap();
         let _c2 = c.admit(0).unwrap();
+        pools.shutdown();
+    }
+
+    #[test]
+    fn a_service_runs_uncounted_restarts_with_its_worker_and_stops_with_its_pool() {
+        let pools: Pools<String> = Pools::new();
+        pools.reconcile(&wanted(&["a"])).unwrap();
+        let pool = pools.get(&"a".to_owned()).unwrap();
+        // Each start of the service reports its thread; its drop-guard reports its end.
+        struct Stopped(std_mpsc::Sender<&'static str>);
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                let _ = self.0.send("stopped");
+            }
+        }
+        let (tx, rx) = std_mpsc::channel();
+        let service_tx = std::sync::Mutex::new(tx);
+        pool.spawn_service(move || {
+            let tx = service_tx.lock().unwrap().clone();
+            async move {
+                let _stopped = Stopped(tx.clone());
+                tx.send(
+                    if std::thread::current()
+                        .name()
+                        .unwrap_or("")
+                        .starts_with("np-pool-")
+                    {
+                        "started on the pool's thread"
+                    } else {
+                        "started elsewhere"
+                    },
+                )
+                .unwrap();
+                std::future::pending::<()>().await;
+            }
+        })
+        .unwrap();
+        let recv = || rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(recv(), "started on the pool's thread");
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.spawned, stats.active),
+            (0, 0),
+            "a service is not a job"
+        );
+
+        // A dead worker takes the service with it; the restarted one runs it again.
+        pool.kill_worker_for_test();
+        assert_eq!(recv(), "stopped");
+        wait_until(|| !pools.supervise().is_empty());
+        assert_eq!(recv(), "started on the pool's thread");
+
+        // Removing the tenant stops its service at once (not after the drain timeout).
+        let begin = Instant::now();
+        pools.reconcile(&BTreeMap::new()).unwrap();
+        assert_eq!(recv(), "stopped");
+        assert!(begin.elapsed() < DRAIN_TIMEOUT, "{:?}", begin.elapsed());
+        assert!(matches!(
+            pool.spawn_service(|| async {}),
+            Err(Error::Closed { tenant }) if tenant == "a"
+        ));
+
+        // Shared workers outlive every pool, so they run no services.
+        let shared: Pools<String> = Pools::with(Isolation::Shared(1), CpuControl::none()).unwrap();
+        let err = shared
+            .get_or_create(&"s".to_owned())
+            .unwrap()
+            .spawn_service(|| async {})
+            .unwrap_err();
+        assert!(matches!(err, Error::SharedWorkers { .. }), "{err}");
+        assert!(err.to_string().contains("per-tenant"), "{err}");
+        shared.shutdown();
         pools.shutdown();
     }
 }

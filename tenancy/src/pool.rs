@@ -31,6 +31,16 @@ use crate::{Error, Result, TenantKey};
 
 type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
 type Job = Box<dyn FnOnce() -> LocalFuture + Send>;
+/// A pool's long-lived task (its own listener), started again on every new worker.
+type Service = Arc<dyn Fn() -> LocalFuture + Send + Sync>;
+
+/// What a worker is asked to run.
+enum Work {
+    /// A unit of a tenant's work, counted in its [`Counters`] and drained at close.
+    Job(Job, Arc<Counters>),
+    /// A service: not counted, not waited for; stopped when the worker is closed.
+    Service(Service),
+}
 
 /// How long a removed pool waits for its running jobs before dropping them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,7 +111,7 @@ pub struct PoolStats {
 
 /// One OS thread with a single-threaded runtime, running jobs as local tasks.
 struct Worker {
-    tx: mpsc::UnboundedSender<(Job, Arc<Counters>)>,
+    tx: mpsc::UnboundedSender<Work>,
     tid: Arc<AtomicI64>,
     closed: Arc<tokio::sync::Notify>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -139,7 +149,11 @@ impl Worker {
     }
 
     fn send(&self, job: Job, counters: Arc<Counters>) -> bool {
-        self.tx.send((job, counters)).is_ok()
+        self.tx.send(Work::Job(job, counters)).is_ok()
+    }
+
+    fn send_service(&self, service: Service) -> bool {
+        self.tx.send(Work::Service(service)).is_ok()
     }
 
     fn is_dead(&self) -> bool {
@@ -162,22 +176,34 @@ impl Worker {
 
 fn run_worker(
     runtime: tokio::runtime::Runtime,
-    mut rx: mpsc::UnboundedReceiver<(Job, Arc<Counters>)>,
+    mut rx: mpsc::UnboundedReceiver<Work>,
     closed: Arc<tokio::sync::Notify>,
 ) {
     let running = Arc::new(AtomicI64::new(0));
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
+        let mut services: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         loop {
-            let (job, counters) = tokio::select! {
+            let work = tokio::select! {
                 biased;
-                job = rx.recv() => match job {
-                    Some(job) => job,
+                work = rx.recv() => match work {
+                    Some(work) => work,
                     None => break,
                 },
                 () = closed.notified() => {
-                    // Run what was queued before the close, then drain.
+                    // Services (the tenant's listener) take no new work once closed; what was
+                    // queued before the close still runs, then the jobs drain.
+                    for service in services.drain(..) {
+                        service.abort();
+                    }
                     rx.close();
+                    continue;
+                }
+            };
+            let (job, counters) = match work {
+                Work::Job(job, counters) => (job, counters),
+                Work::Service(service) => {
+                    services.push(tokio::task::spawn_local(run_service(service)));
                     continue;
                 }
             };
@@ -188,11 +214,28 @@ fn run_worker(
             let running = running.clone();
             tokio::task::spawn_local(run_job(job, counters, running));
         }
+        for service in services {
+            service.abort();
+        }
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while running.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+}
+
+/// Runs a service until it ends or its worker closes; a panic ends only the service.
+async fn run_service(service: Service) {
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| service())) {
+        Ok(fut) => CatchUnwind(fut).await,
+        Err(panic) => Err(panic),
+    };
+    if let Err(panic) = outcome {
+        tracing::error!(
+            panic = panic_message(&panic),
+            "a pool service panicked; it runs again only if the worker restarts"
+        );
+    }
 }
 
 async fn run_job(job: Job, counters: Arc<Counters>, running: Arc<AtomicI64>) {
@@ -272,6 +315,8 @@ struct PoolInner {
     own_workers: bool,
     next: AtomicUsize,
     closed: AtomicBool,
+    /// Started on the pool's worker, and again on the new one after a restart.
+    services: Mutex<Vec<Service>>,
 }
 
 impl fmt::Debug for Pool {
@@ -321,6 +366,39 @@ impl Pool {
         Ok(())
     }
 
+    /// Runs `make`'s future on the pool's worker for as long as the pool lives: the tenant's own
+    /// listener, for instance. A service is not a job: it is not counted in the stats, and the
+    /// drain does not wait for it; it stops when the pool closes. When the supervisor restarts
+    /// a dead worker, `make` is called again on the new one (so keep the listener itself
+    /// outside and hand the service a clone of it). A panic ends only the service.
+    pub fn spawn_service<F, Fut>(&self, make: F) -> Result<()>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let closed = || Error::Closed {
+            tenant: self.inner.tenant.clone(),
+        };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        if !self.inner.own_workers {
+            return Err(Error::SharedWorkers {
+                tenant: self.inner.tenant.clone(),
+            });
+        }
+        let service: Service = Arc::new(move || Box::pin(make()) as LocalFuture);
+        let worker = read(&self.inner.workers)
+            .first()
+            .cloned()
+            .ok_or_else(closed)?;
+        lock(&self.inner.services).push(service.clone());
+        if !worker.send_service(service) {
+            return Err(closed());
+        }
+        Ok(())
+    }
+
     /// A copy of the pool's counters.
     pub fn stats(&self) -> PoolStats {
         let c = &self.inner.counters;
@@ -355,6 +433,8 @@ impl Pool {
     /// Stops taking new work; running jobs get [`DRAIN_TIMEOUT`] to finish.
     fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        // The services hold handles to this pool; dropping them here breaks that cycle.
+        lock(&self.inner.services).clear();
         if self.inner.own_workers {
             for w in read(&self.inner.workers).iter() {
                 w.close();
@@ -466,6 +546,7 @@ impl<K: TenantKey> Pools<K> {
                 own_workers: own,
                 next: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
+                services: Mutex::new(Vec::new()),
             }),
         };
         tracing::info!(tenant = %tenant, weight = config.weight, "pool started");
@@ -582,6 +663,9 @@ impl<K: TenantKey> Pools<K> {
             let weight = pool.inner.weight.load(Ordering::Relaxed) as u32;
             match self.start_worker(k.to_string(), &pool.inner.slug, index, weight) {
                 Ok(w) => {
+                    for service in lock(&pool.inner.services).iter() {
+                        w.send_service(service.clone());
+                    }
                     let old = std::mem::replace(&mut *write(&pool.inner.workers), vec![w]);
                     for w in old {
                         w.join();
