@@ -1,15 +1,18 @@
 //! `redirect` owns the node's capture rules: the nftables table that captures TCP from meshed
-//! pods entering the node (hook prerouting) and delivers it to the proxy's outbound port (default
-//! 15001), and, with TPROXY (the default), the policy routing (`ip rule` + `ip route`) that
-//! delivers the marked packets locally. REDIRECT (a nat chain) remains as [`Capture::Redirect`].
+//! pods entering the node (hook prerouting) and delivers it to the proxy's shared outbound port
+//! (default 15001), and, with TPROXY (the default), the policy routing (`ip rule` + `ip route`)
+//! that delivers the marked packets locally. With TPROXY a pod may also have its own capture port
+//! (its tenant's transparent listener, maps `pod_port_v4`/`pod_port_v6`); when that port has no
+//! listener, the shared port takes the connection. REDIRECT (a nat chain) remains as
+//! [`Capture::Redirect`], without per-pod ports.
 //!
-//! It is split into *decide, then act*: [`RuleSet`] is a plain value; [`render`] and
-//! [`render_update`] turn it into native `nft` scripts without I/O; [`routing_commands`],
-//! [`plan_routing`] and [`plan_routing_removal`] turn it (and a listing of what the kernel has)
-//! into `ip` commands without I/O; [`verify_listing`] and [`routing_differences`] compare
-//! listings with a [`RuleSet`] without I/O; and [`Nft`] is the only type that runs binaries (`nft`
-//! and `ip`, through one runner). Pods come and go by updating set elements, never by reloading
-//! the table.
+//! It is split into *decide, then act*: [`RuleSet`] is a plain value; [`render`],
+//! [`render_update`] and [`render_port_update`] turn it (or a change) into native `nft` scripts
+//! without I/O; [`routing_commands`], [`plan_routing`] and [`plan_routing_removal`] turn it (and a
+//! listing of what the kernel has) into `ip` commands without I/O; [`verify_listing`] and
+//! [`routing_differences`] compare listings with a [`RuleSet`] without I/O; and [`Nft`] is the
+//! only type that runs binaries (`nft` and `ip`, through one runner). Pods and their ports come
+//! and go by updating set and map elements, never by reloading the table.
 //!
 //! This crate must not touch sockets, tenancy, Kubernetes or the environment: other crates pass it
 //! typed values, and it reads nothing from `NODEPROXY_*`.
@@ -22,15 +25,16 @@ mod spec;
 mod verify;
 
 pub use nft::Nft;
-pub use render::{render, render_remove, render_update};
+pub use render::{render, render_port_update, render_remove, render_update};
 pub use routing::{
     Family, FamilyListing, IpCommand, RoutingListing, plan_routing, plan_routing_removal,
     routing_commands, routing_differences,
 };
 pub use spec::{
     CHAIN_NAME, Capture, DEFAULT_REDIRECT_PORT, DEFAULT_ROUTE_TABLE, DEFAULT_TABLE_NAME,
-    DEFAULT_TPROXY_MARK, KEEP_DESTINATION_CHAIN, PolicyRouting, REDIRECT_CHAIN_PRIORITY,
-    RULE_PRIORITY, RouteTable, RuleSet, SET_V4, SET_V6, TPROXY_CHAIN_PRIORITY, TableName,
+    DEFAULT_TPROXY_MARK, KEEP_DESTINATION_CHAIN, PORT_MAP_V4, PORT_MAP_V6, PolicyRouting,
+    REDIRECT_CHAIN_PRIORITY, RULE_PRIORITY, RouteTable, RuleSet, SET_V4, SET_V6,
+    TPROXY_CHAIN_PRIORITY, TableName,
 };
 pub use verify::verify_listing;
 

@@ -5,13 +5,14 @@
 //! use `spawn_blocking`.
 
 use std::net::IpAddr;
+use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use serde_json::Value;
 
 use crate::exec::{Program, RunError, Runner, find_program};
-use crate::render::{render, render_remove, render_update};
+use crate::render::{render, render_port_update, render_remove, render_update};
 use crate::routing::{
     Family, FamilyListing, IpCommand, RoutingListing, plan_routing, plan_routing_removal,
     routing_differences,
@@ -77,6 +78,7 @@ impl Nft {
             port = rules.redirect_port.get(),
             v4 = rules.meshed_v4.len(),
             v6 = rules.meshed_v6.len(),
+            pod_ports = rules.pod_ports_v4.len() + rules.pod_ports_v6.len(),
             "applying capture rules"
         );
         match rules.capture {
@@ -97,6 +99,25 @@ impl Nft {
             return Ok(());
         };
         tracing::debug!(%table, added = added.len(), removed = removed.len(), "updating meshed sets");
+        self.nft("update", table, &["-f", "-"], Some(&script))
+            .map(drop)
+    }
+
+    /// Adds and removes per-pod capture ports in one transaction (TPROXY tables only); does
+    /// nothing if both are empty. Removing an absent address is not an error, but each removed
+    /// pair must carry the port the kernel has for it (the caller tracks it): adding an address
+    /// that is present with another port fails the whole batch, which then changes nothing (see
+    /// [`render_port_update`]).
+    pub fn update_ports(
+        &self,
+        table: &TableName,
+        added: &[(IpAddr, NonZeroU16)],
+        removed: &[(IpAddr, NonZeroU16)],
+    ) -> Result<()> {
+        let Some(script) = render_port_update(table, added, removed) else {
+            return Ok(());
+        };
+        tracing::debug!(%table, added = added.len(), removed = removed.len(), "updating pod ports");
         self.nft("update", table, &["-f", "-"], Some(&script))
             .map(drop)
     }

@@ -1,9 +1,9 @@
 //! The rule set as a plain value: [`TableName`] (a validated nft identifier), [`Capture`] (TPROXY
 //! or REDIRECT), [`PolicyRouting`] (the fwmark and routing table TPROXY needs) and [`RuleSet`]
-//! (all of these plus the capture port and the meshed pod addresses). No I/O here and no
-//! rendering; see `render` and `routing`.
+//! (all of these plus the shared capture port, the meshed pod addresses and, with TPROXY, each
+//! pod's own capture port). No I/O here and no rendering; see `render` and `routing`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::{NonZeroU16, NonZeroU32};
@@ -60,6 +60,12 @@ pub const SET_V4: &str = "meshed_v4";
 
 /// Name of the set holding meshed pods' IPv6 addresses.
 pub const SET_V6: &str = "meshed_v6";
+
+/// Name of the map from a meshed pod's IPv4 address to its own capture port (TPROXY only).
+pub const PORT_MAP_V4: &str = "pod_port_v4";
+
+/// Name of the map from a meshed pod's IPv6 address to its own capture port (TPROXY only).
+pub const PORT_MAP_V6: &str = "pod_port_v6";
 
 /// An nftables table name that is safe to splice into an nft script.
 ///
@@ -227,13 +233,24 @@ impl Default for PolicyRouting {
 
 /// The complete capture rule set of a node, as a plain value.
 ///
-/// The sets are `BTreeSet`s so that rendering is deterministic. IPv4-mapped IPv6 addresses are
-/// stored as IPv4 (see [`RuleSet::add_pod`]), because the kernel sees such traffic as IPv4.
+/// The sets and maps are `BTreeSet`s and `BTreeMap`s so that rendering is deterministic.
+/// IPv4-mapped IPv6 addresses are stored as IPv4 (see [`RuleSet::add_pod`]), because the kernel
+/// sees such traffic as IPv4.
+///
+/// Per-pod capture ports ([`RuleSet::set_pod_port`]) only matter with [`Capture::Tproxy`]: a
+/// meshed pod with a port entry is delivered to the transparent listener on that port (its
+/// tenant's), and falls back to [`RuleSet::redirect_port`] when nothing listens there, because
+/// `tproxy` finds no socket and the next rule is evaluated. REDIRECT cannot fall back (it
+/// redirects even to a closed port), so with [`Capture::Redirect`] the maps are not rendered and
+/// the ports are ignored. An entry for an address that is not a meshed pod captures nothing.
+/// Remove a pod's entry before its listener closes: the kernel may hand the freed port to another
+/// tenant's listener, which would then receive this pod's connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSet {
     /// The `inet` table that holds everything.
     pub table: TableName,
-    /// Port that captured connections are delivered to (the outbound listener).
+    /// Port that captured connections are delivered to (the shared outbound listener), and with
+    /// TPROXY the fallback for pods without a port entry or whose port has no listener.
     pub redirect_port: NonZeroU16,
     /// TPROXY (default) or REDIRECT.
     pub capture: Capture,
@@ -243,6 +260,10 @@ pub struct RuleSet {
     pub meshed_v4: BTreeSet<Ipv4Addr>,
     /// Meshed pods' IPv6 addresses (set [`SET_V6`]).
     pub meshed_v6: BTreeSet<Ipv6Addr>,
+    /// Meshed pods' own capture ports by IPv4 address (map [`PORT_MAP_V4`], TPROXY only).
+    pub pod_ports_v4: BTreeMap<Ipv4Addr, NonZeroU16>,
+    /// Meshed pods' own capture ports by IPv6 address (map [`PORT_MAP_V6`], TPROXY only).
+    pub pod_ports_v6: BTreeMap<Ipv6Addr, NonZeroU16>,
 }
 
 impl Default for RuleSet {
@@ -261,6 +282,8 @@ impl RuleSet {
             routing: PolicyRouting::default(),
             meshed_v4: BTreeSet::new(),
             meshed_v6: BTreeSet::new(),
+            pod_ports_v4: BTreeMap::new(),
+            pod_ports_v6: BTreeMap::new(),
         }
     }
 
@@ -284,12 +307,15 @@ impl RuleSet {
         }
     }
 
-    /// The same rule set without any meshed pod: nothing new is captured, while (with TPROXY)
-    /// packets of connections the proxy already holds still reach it. Used to drain at shutdown.
+    /// The same rule set without any meshed pod or pod port: nothing new is captured, while
+    /// (with TPROXY) packets of connections the proxy already holds still reach it. Used to drain
+    /// at shutdown.
     pub fn without_pods(&self) -> Self {
         Self {
             meshed_v4: BTreeSet::new(),
             meshed_v6: BTreeSet::new(),
+            pod_ports_v4: BTreeMap::new(),
+            pod_ports_v6: BTreeMap::new(),
             ..self.clone()
         }
     }
@@ -314,6 +340,34 @@ impl RuleSet {
     pub fn with_pods(mut self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
         for ip in ips {
             self.add_pod(ip);
+        }
+        self
+    }
+
+    /// Delivers the meshed pod `ip`'s connections to `port` (its tenant's transparent listener)
+    /// instead of [`RuleSet::redirect_port`]; TPROXY only (see [`RuleSet`]). IPv4-mapped IPv6
+    /// goes to the IPv4 map, like [`RuleSet::add_pod`]. Returns the port it replaces, if any.
+    pub fn set_pod_port(&mut self, ip: IpAddr, port: NonZeroU16) -> Option<NonZeroU16> {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => self.pod_ports_v4.insert(v4, port),
+            IpAddr::V6(v6) => self.pod_ports_v6.insert(v6, port),
+        }
+    }
+
+    /// Sends the pod `ip`'s connections back to [`RuleSet::redirect_port`]; returns the port it
+    /// had, if any.
+    pub fn remove_pod_port(&mut self, ip: IpAddr) -> Option<NonZeroU16> {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => self.pod_ports_v4.remove(&v4),
+            IpAddr::V6(v6) => self.pod_ports_v6.remove(&v6),
+        }
+    }
+
+    /// Builder form of [`RuleSet::set_pod_port`] for many pods (a later pair for the same address
+    /// wins).
+    pub fn with_pod_ports(mut self, ports: impl IntoIterator<Item = (IpAddr, NonZeroU16)>) -> Self {
+        for (ip, port) in ports {
+            self.set_pod_port(ip, port);
         }
         self
     }
@@ -355,6 +409,39 @@ mod tests {
         assert!(rules.meshed_v6.is_empty());
         assert!(rules.remove_pod("10.0.0.1".parse().unwrap()));
         assert!(!rules.remove_pod("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn pod_ports_by_family() {
+        let port = |p: u16| NonZeroU16::new(p).unwrap();
+        let mut rules = RuleSet::default()
+            .with_pods(["10.0.0.1".parse().unwrap()])
+            .with_pod_ports([
+                ("::ffff:10.0.0.1".parse().unwrap(), port(40001)),
+                ("fd00::1".parse().unwrap(), port(40002)),
+            ]);
+        assert_eq!(
+            rules.pod_ports_v4,
+            BTreeMap::from([("10.0.0.1".parse().unwrap(), port(40001))])
+        );
+        assert_eq!(
+            rules.pod_ports_v6,
+            BTreeMap::from([("fd00::1".parse().unwrap(), port(40002))])
+        );
+        assert_eq!(
+            rules.set_pod_port("10.0.0.1".parse().unwrap(), port(40003)),
+            Some(port(40001))
+        );
+        assert_eq!(
+            rules.remove_pod_port("::ffff:10.0.0.1".parse().unwrap()),
+            Some(port(40003))
+        );
+        assert_eq!(rules.remove_pod_port("10.0.0.1".parse().unwrap()), None);
+
+        // Draining drops the ports along with the pods; everything else stays.
+        let drained = rules.without_pods();
+        assert!(drained.meshed_v4.is_empty() && drained.pod_ports_v6.is_empty());
+        assert_eq!(drained.redirect_port, rules.redirect_port);
     }
 
     #[test]

@@ -8,18 +8,24 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use crate::spec::{CHAIN_NAME, Capture, KEEP_DESTINATION_CHAIN, RuleSet, SET_V4, SET_V6};
+use crate::spec::{
+    CHAIN_NAME, Capture, KEEP_DESTINATION_CHAIN, PORT_MAP_V4, PORT_MAP_V6, RuleSet, SET_V4, SET_V6,
+};
 use crate::{Error, Result};
 
 /// Checks that `listing_json` (the output of `nft -j list table inet <name>`) matches `expected`.
 ///
 /// Checked: the table exists; sets `meshed_v4`/`meshed_v6` have the right type and exactly the
-/// expected elements; the chain has the capture mode's shape (TPROXY: a filter chain at
-/// prerouting priority `mangle` whose rules are, in order, the local-destination `return`, the
-/// transparent-socket rule, the two `tproxy` rules to the expected port and mark and the two
-/// resets; REDIRECT: a nat chain at `dstnat - 10` with the `return` and the two redirects); and
-/// there are no other sets or chains. Every difference is reported in one [`Error::Mismatch`].
-/// The policy routing is checked apart ([`crate::routing_differences`]).
+/// expected elements; with TPROXY, maps `pod_port_v4`/`pod_port_v6` have the right types
+/// (`ipv4_addr`/`ipv6_addr` : `inet_service`) and exactly the expected address-to-port elements;
+/// the chain has the capture mode's shape (TPROXY: a filter chain at prerouting priority `mangle`
+/// whose rules are, in order, the local-destination `return`, the transparent-socket rule, the
+/// two `tproxy` rules to the pod's port from the maps, the two `tproxy` rules to the shared port,
+/// all with the expected mark, and the two resets; REDIRECT: a nat chain at `dstnat - 10` with
+/// the `return` and the two redirects); with TPROXY, the `keep_destination` nat chain; and there
+/// are no other sets, maps or chains (with REDIRECT, no maps at all). Every difference is
+/// reported in one [`Error::Mismatch`]. The policy routing is checked apart
+/// ([`crate::routing_differences`]).
 pub fn verify_listing(expected: &RuleSet, listing_json: &str) -> Result<()> {
     let table = expected.table.as_str();
     let listing = Listing::parse(table, listing_json)?;
@@ -39,6 +45,7 @@ pub fn verify_listing(expected: &RuleSet, listing_json: &str) -> Result<()> {
 struct Listing {
     table_found: bool,
     sets: BTreeMap<String, SetListing>,
+    maps: BTreeMap<String, MapListing>,
     chains: BTreeMap<String, ChainListing>,
     rules: BTreeMap<String, Vec<RuleShape>>,
 }
@@ -48,6 +55,18 @@ struct SetListing {
     ty: String,
     elements: BTreeSet<IpAddr>,
     /// Elements that are not plain addresses (ranges, prefixes, ...), as JSON text.
+    unexpected: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct MapListing {
+    /// The key type (`"type"` in the JSON).
+    key_ty: String,
+    /// The value type (`"map"` in the JSON).
+    value_ty: String,
+    /// Address-to-port elements.
+    elements: BTreeMap<IpAddr, u64>,
+    /// Elements that are not an address with a port, as JSON text.
     unexpected: Vec<String>,
 }
 
@@ -70,6 +89,15 @@ enum RuleShape {
     },
     /// `meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set meta mark | MARK accept`
     TransparentSocket {
+        mark: u64,
+    },
+    /// `<protocol> saddr @<set> meta l4proto tcp ct direction original tproxy <family> to :
+    /// <protocol> saddr map @<map> meta mark set meta mark | MARK accept`: the pod's own port.
+    TproxyPodPort {
+        protocol: String,
+        set: String,
+        family: String,
+        map: String,
         mark: u64,
     },
     /// `<protocol> saddr @<set> meta l4proto tcp ct direction original tproxy <family> to :PORT
@@ -110,6 +138,16 @@ impl fmt::Display for RuleShape {
                 f,
                 "`meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set meta mark | {mark:#x} accept`"
             ),
+            RuleShape::TproxyPodPort {
+                protocol,
+                set,
+                family,
+                map,
+                mark,
+            } => write!(
+                f,
+                "`{protocol} saddr @{set} meta l4proto tcp ct direction original tproxy {family} to : {protocol} saddr map @{map} meta mark set meta mark | {mark:#x} accept`"
+            ),
             RuleShape::Tproxy {
                 protocol,
                 set,
@@ -141,6 +179,44 @@ struct ExpectedChain {
     rules: Vec<RuleShape>,
 }
 
+/// A per-pod port map `render` writes: its name, key type and address-to-port elements.
+struct ExpectedMap {
+    name: &'static str,
+    key_ty: &'static str,
+    elements: BTreeMap<IpAddr, u64>,
+}
+
+/// The port maps `render` writes for `rules` (none with REDIRECT).
+fn expected_port_maps(rules: &RuleSet) -> Vec<ExpectedMap> {
+    match rules.capture {
+        Capture::Redirect => Vec::new(),
+        Capture::Tproxy => {
+            let v4 = rules
+                .pod_ports_v4
+                .iter()
+                .map(|(&ip, port)| (IpAddr::V4(ip), u64::from(port.get())))
+                .collect();
+            let v6 = rules
+                .pod_ports_v6
+                .iter()
+                .map(|(&ip, port)| (IpAddr::V6(ip), u64::from(port.get())))
+                .collect();
+            vec![
+                ExpectedMap {
+                    name: PORT_MAP_V4,
+                    key_ty: "ipv4_addr",
+                    elements: v4,
+                },
+                ExpectedMap {
+                    name: PORT_MAP_V6,
+                    key_ty: "ipv6_addr",
+                    elements: v6,
+                },
+            ]
+        }
+    }
+}
+
 /// The chains `render` writes for `rules`.
 fn expected_chains(rules: &RuleSet) -> Vec<ExpectedChain> {
     let port = u64::from(rules.redirect_port.get());
@@ -166,6 +242,17 @@ fn expected_chains(rules: &RuleSet) -> Vec<ExpectedChain> {
         }
         Capture::Tproxy => {
             prerouting.rules.push(RuleShape::TransparentSocket { mark });
+            prerouting.rules.extend(
+                [("ip", SET_V4, PORT_MAP_V4), ("ip6", SET_V6, PORT_MAP_V6)].map(
+                    |(protocol, set, map)| RuleShape::TproxyPodPort {
+                        protocol: protocol.into(),
+                        set: set.into(),
+                        family: protocol.into(),
+                        map: map.into(),
+                        mark,
+                    },
+                ),
+            );
             prerouting
                 .rules
                 .extend(families.map(|(protocol, set)| RuleShape::Tproxy {
@@ -224,6 +311,11 @@ impl Listing {
                         str_field(body, "name").ok_or_else(|| bad("set without name".into()))?;
                     listing.sets.insert(name.to_owned(), parse_set(body));
                 }
+                "map" if in_table("table") => {
+                    let name =
+                        str_field(body, "name").ok_or_else(|| bad("map without name".into()))?;
+                    listing.maps.insert(name.to_owned(), parse_map(body));
+                }
                 "chain" if in_table("table") => {
                     let name =
                         str_field(body, "name").ok_or_else(|| bad("chain without name".into()))?;
@@ -260,6 +352,13 @@ impl Listing {
         if !self.table_found {
             return vec!["the table does not exist".to_owned()];
         }
+        let mut out = self.set_differences(expected);
+        out.extend(self.map_differences(expected));
+        out.extend(self.chain_differences(expected));
+        out
+    }
+
+    fn set_differences(&self, expected: &RuleSet) -> Vec<String> {
         let mut out = Vec::new();
         let want_v4: BTreeSet<IpAddr> = expected.meshed_v4.iter().map(|&ip| ip.into()).collect();
         let want_v6: BTreeSet<IpAddr> = expected.meshed_v6.iter().map(|&ip| ip.into()).collect();
@@ -296,7 +395,67 @@ impl Listing {
         for name in self.sets.keys().filter(|n| *n != SET_V4 && *n != SET_V6) {
             out.push(format!("unexpected set {name}"));
         }
+        out
+    }
 
+    /// The per-pod port maps: with TPROXY exactly the expected ones, with REDIRECT none.
+    fn map_differences(&self, expected: &RuleSet) -> Vec<String> {
+        let capture = expected.capture;
+        let mut out = Vec::new();
+        let want_maps = expected_port_maps(expected);
+        for ExpectedMap {
+            name,
+            key_ty,
+            elements: want,
+        } in &want_maps
+        {
+            let Some(map) = self.maps.get(*name) else {
+                out.push(format!("map {name} is missing ({capture} capture)"));
+                continue;
+            };
+            if map.key_ty != *key_ty || map.value_ty != "inet_service" {
+                out.push(format!(
+                    "map {name} has type {:?} : {:?}, expected {key_ty} : inet_service",
+                    map.key_ty, map.value_ty
+                ));
+            }
+            let missing = join_pairs(
+                want.iter()
+                    .filter(|(ip, _)| !map.elements.contains_key(*ip)),
+            );
+            if !missing.is_empty() {
+                out.push(format!("map {name} lacks {missing}"));
+            }
+            for (ip, want_port) in want {
+                match map.elements.get(ip) {
+                    Some(got) if got != want_port => out.push(format!(
+                        "map {name} maps {ip} to port {got}, expected {want_port}"
+                    )),
+                    _ => {}
+                }
+            }
+            let extra = join_pairs(
+                map.elements
+                    .iter()
+                    .filter(|(ip, _)| !want.contains_key(*ip)),
+            );
+            if !extra.is_empty() {
+                out.push(format!("map {name} has unexpected {extra}"));
+            }
+            for element in &map.unexpected {
+                out.push(format!("map {name} has unexpected element {element}"));
+            }
+        }
+        for name in self.maps.keys() {
+            if !want_maps.iter().any(|want| *name == want.name) {
+                out.push(format!("unexpected map {name} ({capture} capture)"));
+            }
+        }
+        out
+    }
+
+    fn chain_differences(&self, expected: &RuleSet) -> Vec<String> {
+        let mut out = Vec::new();
         let capture = expected.capture;
         let want = expected_chains(expected);
         for chain in &want {
@@ -348,25 +507,47 @@ fn join(rules: &[RuleShape]) -> String {
         .join(", ")
 }
 
-fn parse_set(body: &Value) -> SetListing {
-    let mut set = SetListing {
-        ty: body.get("type").map_or_else(String::new, |t| match t {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        }),
-        ..SetListing::default()
-    };
-    let elements = match body.get("elem") {
+/// Map elements as nft writes them: `ADDRESS : PORT, ...`.
+fn join_pairs<'a>(pairs: impl Iterator<Item = (&'a IpAddr, &'a u64)>) -> String {
+    pairs
+        .map(|(ip, port)| format!("{ip} : {port}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A set's or map's type as text (a JSON string, or the JSON of a concatenation).
+fn type_text(body: &Value, key: &str) -> String {
+    body.get(key).map_or_else(String::new, |t| match t {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// A set's or map's elements (nft lists one element without the array on some versions).
+fn elements(body: &Value) -> Vec<&Value> {
+    match body.get("elem") {
         None => Vec::new(),
         Some(Value::Array(items)) => items.iter().collect(),
         Some(single) => vec![single],
+    }
+}
+
+/// An element's key as an address: plain elements are strings, elements with options (timeout,
+/// comment) are `{"elem": {"val": ..}}`.
+fn element_ip(element: &Value) -> Option<IpAddr> {
+    element
+        .as_str()
+        .or_else(|| element.pointer("/elem/val").and_then(Value::as_str))
+        .and_then(|text| text.parse().ok())
+}
+
+fn parse_set(body: &Value) -> SetListing {
+    let mut set = SetListing {
+        ty: type_text(body, "type"),
+        ..SetListing::default()
     };
-    for element in elements {
-        // Plain elements are strings; elements with options are {"elem": {"val": ..}}.
-        let text = element
-            .as_str()
-            .or_else(|| element.pointer("/elem/val").and_then(Value::as_str));
-        match text.and_then(|t| t.parse::<IpAddr>().ok()) {
+    for element in elements(body) {
+        match element_ip(element) {
             Some(ip) => {
                 set.elements.insert(ip);
             }
@@ -374,6 +555,29 @@ fn parse_set(body: &Value) -> SetListing {
         }
     }
     set
+}
+
+/// A map as nftables 1.0.6 lists it: `{"type": KEY, "map": VALUE, "elem": [[KEY, VALUE], ..]}`,
+/// an `inet_service` value being the port number.
+fn parse_map(body: &Value) -> MapListing {
+    let mut map = MapListing {
+        key_ty: type_text(body, "type"),
+        value_ty: type_text(body, "map"),
+        ..MapListing::default()
+    };
+    for element in elements(body) {
+        let pair = match element.as_array().map(Vec::as_slice) {
+            Some([key, Value::Number(port)]) => element_ip(key).zip(port.as_u64()),
+            _ => None,
+        };
+        match pair {
+            Some((ip, port)) => {
+                map.elements.insert(ip, port);
+            }
+            None => map.unexpected.push(element.to_string()),
+        }
+    }
+    map
 }
 
 /// Recognises the rule shapes that `render` produces from their JSON expressions.
@@ -413,27 +617,36 @@ fn known_shape(expr: &[Value]) -> Option<RuleShape> {
         }
         [saddr, l4proto, direction, tproxy, mangle, accept] if tproxy.get("tproxy").is_some() => {
             let (protocol, set) = saddr_in_set(saddr)?;
-            let family = tproxy.pointer("/tproxy/family").and_then(Value::as_str);
-            let port = tproxy.pointer("/tproxy/port").and_then(Value::as_u64);
+            let family = tproxy.pointer("/tproxy/family")?.as_str()?.to_owned();
+            let mark = or_mark(mangle)?;
             // `to :PORT` only: an address in the tproxy statement is not what we render.
-            let no_addr = tproxy.pointer("/tproxy/addr").is_none();
-            match (family, port, or_mark(mangle)) {
-                (Some(family), Some(port), Some(mark))
-                    if is_tcp(l4proto)
-                        && is_original(direction)
-                        && no_addr
-                        && accept.get("accept").is_some() =>
-                {
-                    Some(RuleShape::Tproxy {
-                        protocol,
-                        set,
-                        family: family.to_owned(),
-                        port,
-                        mark,
-                    })
-                }
-                _ => None,
+            let shape_ok = is_tcp(l4proto)
+                && is_original(direction)
+                && tproxy.pointer("/tproxy/addr").is_none()
+                && accept.get("accept").is_some();
+            if !shape_ok {
+                return None;
             }
+            let port = tproxy.pointer("/tproxy/port")?;
+            if let Some(port) = port.as_u64() {
+                return Some(RuleShape::Tproxy {
+                    protocol,
+                    set,
+                    family,
+                    port,
+                    mark,
+                });
+            }
+            // `to : <protocol> saddr map @<map>`: the port looked up by the same source address
+            // that matched the set.
+            let (key_protocol, map) = saddr_map(port)?;
+            (key_protocol == protocol).then_some(RuleShape::TproxyPodPort {
+                protocol,
+                set,
+                family,
+                map,
+                mark,
+            })
         }
         [mark, dnat] if dnat.get("dnat").is_some() => {
             let family = dnat.pointer("/dnat/family").and_then(Value::as_str)?;
@@ -488,6 +701,15 @@ fn saddr_in_set(expr: &Value) -> Option<(String, String)> {
         .then(|| (protocol.to_owned(), set.to_owned()))
 }
 
+/// `<protocol> saddr map @<map>` (a port expression): the protocol and the map.
+fn saddr_map(expr: &Value) -> Option<(String, String)> {
+    let payload = expr.pointer("/map/key/payload")?;
+    let map = expr.pointer("/map/data")?.as_str()?.strip_prefix('@')?;
+    let protocol = payload.get("protocol").and_then(Value::as_str)?;
+    (payload.get("field").and_then(Value::as_str) == Some("saddr"))
+        .then(|| (protocol.to_owned(), map.to_owned()))
+}
+
 /// `meta l4proto tcp`.
 fn is_tcp(expr: &Value) -> bool {
     expr.pointer("/match/left/meta/key").and_then(Value::as_str) == Some("l4proto")
@@ -524,171 +746,4 @@ fn match_right(expr: &Value) -> Option<&str> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::spec::TableName;
-    use std::num::{NonZeroU16, NonZeroU32};
-
-    /// Captured from nftables 1.0.6 after applying `render` of `expected()` (TPROXY, the default).
-    const TPROXY: &str = include_str!("../tests/data/list_tproxy_v4_v6.json");
-    /// Captured from nftables 1.0.6 after applying `render` of `expected()` with REDIRECT.
-    const REDIRECT: &str = include_str!("../tests/data/list_redirect_v4_v6.json");
-
-    fn expected() -> RuleSet {
-        RuleSet::default().with_pods(
-            ["10.0.0.1", "10.0.0.2", "fd00::1"]
-                .iter()
-                .map(|ip| ip.parse().unwrap()),
-        )
-    }
-
-    fn redirect() -> RuleSet {
-        expected().with_capture(Capture::Redirect)
-    }
-
-    fn differences(rules: &RuleSet, json: &str) -> Vec<String> {
-        match verify_listing(rules, json) {
-            Ok(()) => Vec::new(),
-            Err(Error::Mismatch { differences, .. }) => differences,
-            Err(other) => panic!("unexpected error {other}"),
-        }
-    }
-
-    #[test]
-    fn samples_match() {
-        verify_listing(&expected(), TPROXY).unwrap();
-        verify_listing(&redirect(), REDIRECT).unwrap();
-    }
-
-    #[test]
-    fn element_differences_are_named() {
-        for (mut rules, sample) in [(expected(), TPROXY), (redirect(), REDIRECT)] {
-            rules.remove_pod("10.0.0.2".parse().unwrap());
-            rules.add_pod("10.0.0.3".parse().unwrap());
-            rules.add_pod("fd00::2".parse().unwrap());
-            assert_eq!(
-                differences(&rules, sample),
-                [
-                    "set meshed_v4 lacks 10.0.0.3",
-                    "set meshed_v4 has unexpected 10.0.0.2",
-                    "set meshed_v6 lacks fd00::2",
-                ]
-            );
-        }
-    }
-
-    #[test]
-    fn wrong_port_is_named() {
-        for (mut rules, sample, got) in [
-            (expected(), TPROXY, "tproxy ip to :15001"),
-            (redirect(), REDIRECT, "redirect to :15001"),
-        ] {
-            rules.redirect_port = NonZeroU16::new(15002).unwrap();
-            let diffs = differences(&rules, sample);
-            assert_eq!(diffs.len(), 1, "{diffs:?}");
-            assert!(diffs[0].contains(got), "{}", diffs[0]);
-            assert!(diffs[0].contains("expected ["), "{}", diffs[0]);
-            assert!(diffs[0].contains(":15002"), "{}", diffs[0]);
-        }
-    }
-
-    #[test]
-    fn wrong_mark_is_named() {
-        let mut rules = expected();
-        rules.routing.mark = NonZeroU32::new(0x2000).unwrap();
-        let diffs = differences(&rules, TPROXY);
-        assert_eq!(diffs.len(), 2, "{diffs:?}");
-        assert!(
-            diffs[0].contains("meta mark | 0x1000 accept`"),
-            "{}",
-            diffs[0]
-        );
-        assert!(
-            diffs[0].contains("meta mark | 0x2000 accept`"),
-            "{}",
-            diffs[0]
-        );
-        assert!(
-            diffs[1].starts_with("chain keep_destination has rules")
-                && diffs[1].contains("0x2000 == 0x2000 dnat ip to ip daddr"),
-            "{}",
-            diffs[1]
-        );
-    }
-
-    #[test]
-    fn the_other_capture_mode_is_named() {
-        // A table left by a REDIRECT run, checked against TPROXY, and the other way round.
-        let diffs = differences(&expected(), REDIRECT);
-        assert_eq!(diffs.len(), 3, "{diffs:?}");
-        assert!(
-            diffs[0].contains("type Some(\"nat\")")
-                && diffs[0].contains("expected type filter hook prerouting priority -150")
-                && diffs[0].contains("(tproxy capture)"),
-            "{}",
-            diffs[0]
-        );
-        assert!(diffs[1].contains("redirect to :15001"), "{}", diffs[1]);
-        assert!(diffs[1].contains("tproxy ip to :15001"), "{}", diffs[1]);
-        assert_eq!(
-            diffs[2],
-            "chain keep_destination is missing (tproxy capture)"
-        );
-
-        let diffs = differences(&redirect(), TPROXY);
-        assert_eq!(diffs.len(), 3, "{diffs:?}");
-        assert!(diffs[0].contains("(redirect capture)"), "{}", diffs[0]);
-        assert_eq!(
-            diffs[2],
-            "unexpected chain keep_destination (redirect capture)"
-        );
-    }
-
-    #[test]
-    fn wrong_table_is_missing() {
-        let rules = RuleSet::new(TableName::new("other").unwrap(), NonZeroU16::MIN);
-        assert_eq!(differences(&rules, TPROXY), ["the table does not exist"]);
-    }
-
-    #[test]
-    fn wrong_priority_and_extra_rule() {
-        for (rules, sample, prio) in [(expected(), TPROXY, -150), (redirect(), REDIRECT, -110)] {
-            let json = sample
-                .replace(&format!("\"prio\": {prio}"), "\"prio\": -100")
-                .replace(
-                    "\"expr\": [{\"match\": {\"op\": \"==\", \"left\": {\"fib\"",
-                    "\"expr\": [{\"counter\": null}, {\"match\": {\"op\": \"==\", \"left\": {\"fib\"",
-                );
-            let diffs = differences(&rules, &json);
-            assert_eq!(diffs.len(), 2, "{diffs:?}");
-            assert!(diffs[0].contains("priority Some(-100)"), "{}", diffs[0]);
-            assert!(diffs[1].contains("unrecognised rule"), "{}", diffs[1]);
-        }
-    }
-
-    #[test]
-    fn a_tproxy_rule_without_the_reset_is_named() {
-        // A hand-edited table that dropped the fail-closed resets.
-        let root: Value = serde_json::from_str(TPROXY).unwrap();
-        let kept: Vec<Value> = root["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|o| !o.to_string().contains("tcp reset"))
-            .cloned()
-            .collect();
-        let json = serde_json::json!({ "nftables": kept }).to_string();
-        let diffs = differences(&expected(), &json);
-        assert_eq!(diffs.len(), 1, "{diffs:?}");
-        assert!(diffs[0].contains("reject with tcp reset`]"), "{}", diffs[0]);
-    }
-
-    #[test]
-    fn garbage_is_a_parse_error() {
-        let err = verify_listing(&expected(), "not json").unwrap_err();
-        assert!(matches!(err, Error::ParseListing { .. }), "{err}");
-        let err = verify_listing(&expected(), "{}").unwrap_err();
-        assert!(err.to_string().contains("nftables"), "{err}");
-    }
-}
+mod tests;

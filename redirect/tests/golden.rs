@@ -1,5 +1,5 @@
 //! Golden-file tests for `render`: the exact text `nodeproxy rules` prints, for both capture
-//! modes (TPROXY, the default, and REDIRECT).
+//! modes (TPROXY, the default, with and without per-pod ports, and REDIRECT, which ignores them).
 //! Run with `UPDATE_GOLDEN=1` to rewrite `tests/golden/*.nft` after an intended change.
 #![allow(clippy::unwrap_used)]
 
@@ -12,6 +12,12 @@ use redirect::{Capture, PolicyRouting, RouteTable, RuleSet, TableName, render};
 
 fn ips(list: &[&str]) -> Vec<IpAddr> {
     list.iter().map(|ip| ip.parse().unwrap()).collect()
+}
+
+fn ports(list: &[(&str, u16)]) -> Vec<(IpAddr, NonZeroU16)> {
+    list.iter()
+        .map(|(ip, port)| (ip.parse().unwrap(), NonZeroU16::new(*port).unwrap()))
+        .collect()
 }
 
 fn check_golden(name: &str, rules: &RuleSet) {
@@ -67,10 +73,24 @@ fn custom_port_and_table() {
 }
 
 #[test]
+fn tproxy_pod_ports() {
+    // 10.244.1.7 has no port of its own (the shared port takes it); a mapped address is IPv4.
+    let rules = RuleSet::default()
+        .with_pods(ips(&["10.244.1.3", "10.244.1.7", "fd00:10:244:1::3"]))
+        .with_pod_ports(ports(&[
+            ("fd00:10:244:1::3", 40003),
+            ("::ffff:10.244.1.3", 40001),
+        ]));
+    check_golden("tproxy_pod_ports", &rules);
+}
+
+#[test]
 fn redirect_v4_and_v6() {
+    // The pod ports are ignored: REDIRECT renders no maps.
     let rules = RuleSet::default()
         .with_capture(Capture::Redirect)
-        .with_pods(ips(&["10.244.1.3", "fd00:10:244:1::3"]));
+        .with_pods(ips(&["10.244.1.3", "fd00:10:244:1::3"]))
+        .with_pod_ports(ports(&[("10.244.1.3", 40001)]));
     check_golden("redirect_v4_and_v6", &rules);
 }
 

@@ -1,11 +1,20 @@
-//! Privileged tests: real nftables inside a throwaway network namespace, never the host's ruleset.
+//! Privileged tests: real nftables inside throwaway network namespaces, never the host's ruleset,
+//! including real TCP connections captured with TPROXY (to a pod's own port or the shared one).
 //! Without root, `ip` or `nft` they skip, except under `CI=true`, where they fail instead.
 #![allow(clippy::unwrap_used)]
 
-use std::net::IpAddr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::num::NonZeroU16;
+use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
+use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
 use redirect::{Capture, Error, Nft, RuleSet, TableName};
 
 /// A network namespace that is deleted when dropped, also when the test panics.
@@ -74,6 +83,96 @@ fn can_run() -> bool {
 
 fn ips(list: &[&str]) -> Vec<IpAddr> {
     list.iter().map(|ip| ip.parse().unwrap()).collect()
+}
+
+fn ip_addr(ip: &str) -> IpAddr {
+    ip.parse().unwrap()
+}
+
+fn ports(list: &[(&str, u16)]) -> Vec<(IpAddr, NonZeroU16)> {
+    list.iter()
+        .map(|(ip, port)| (ip_addr(ip), NonZeroU16::new(*port).unwrap()))
+        .collect()
+}
+
+/// Runs `f` on a thread that has entered `netns`; sockets it opens stay in that namespace.
+fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(move || {
+            let path = format!("/var/run/netns/{}", netns.0);
+            let file = std::fs::File::open(&path).unwrap();
+            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// A non-blocking transparent (IP_TRANSPARENT) listener on `0.0.0.0:port`, as the daemon opens
+/// them; port 0 lets the kernel choose, as for a tenant's listener.
+fn transparent_listener(port: u16) -> TcpListener {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+    setsockopt(&listener, sockopt::IpTransparent, &true).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    listener
+}
+
+/// A TCP connection from `src` (one of the pod namespace's addresses) to `dst`; connecting gives
+/// up after 5 s.
+fn connect_from(src: Ipv4Addr, dst: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::seconds(5))?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0)))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Connects from `src` to `dst` and returns the name of the listener that accepted it, after
+/// checking that the accepted socket sees the pod's address and the original destination and
+/// that data flows (later packets find the socket too).
+fn accepted_by<'a>(
+    pods: &Netns,
+    listeners: &[(&'a str, &TcpListener)],
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+) -> &'a str {
+    let mut client = in_netns(pods, || connect_from(src, dst))
+        .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
+    client.write_all(b"ping").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for (name, listener) in listeners {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    assert_eq!(peer, client.local_addr().unwrap(), "{name}");
+                    assert_eq!(stream.local_addr().unwrap(), SocketAddr::V4(dst), "{name}");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .unwrap();
+                    let mut got = [0; 4];
+                    stream.read_exact(&mut got).unwrap();
+                    assert_eq!(&got, b"ping", "{name}");
+                    return name;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept on the {name} listener: {e}"),
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no listener accepted the connection from {src} to {dst}"
+        );
+        // Polling with a deadline: the handshake completed before `connect` returned, only the
+        // listener's side may lag by a packet.
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// `ip <family> <what> show table 15001` inside `netns`, one line per rule or route ("" if the
@@ -258,6 +357,156 @@ fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
         assert_eq!(ip_show(&netns, family, "rule"), "", "{family}");
         assert_eq!(ip_show(&netns, family, "route"), "", "{family}");
     }
+    nft.remove(&rules).unwrap();
+}
+
+#[test]
+fn pod_ports_are_applied_verified_and_updated() {
+    if !can_run() {
+        return;
+    }
+    let netns = Netns::create("ports");
+    let nft = Nft::new().unwrap().in_netns(&netns.0).unwrap();
+    let table = TableName::new("np_ports").unwrap();
+    let mut rules = RuleSet::new(table.clone(), NonZeroU16::new(15001).unwrap())
+        .with_pods(ips(&["10.244.0.2", "10.244.0.3", "fd00::2", "fd00::3"]))
+        .with_pod_ports(ports(&[("10.244.0.2", 40002), ("fd00::2", 40012)]));
+    nft.apply(&rules).unwrap();
+    nft.verify(&rules).unwrap();
+
+    // Add one entry per family, remove one present and one absent entry.
+    nft.update_ports(
+        &table,
+        &ports(&[("10.244.0.3", 40003), ("fd00::3", 40013)]),
+        &ports(&[("10.244.0.2", 40002), ("10.244.9.9", 40099)]),
+    )
+    .unwrap();
+    let err = nft.verify(&rules).unwrap_err();
+    let Error::Mismatch { differences, .. } = &err else {
+        panic!("expected a mismatch, got {err}");
+    };
+    assert_eq!(
+        differences,
+        &[
+            "map pod_port_v4 lacks 10.244.0.2 : 40002",
+            "map pod_port_v4 has unexpected 10.244.0.3 : 40003",
+            "map pod_port_v6 has unexpected fd00::3 : 40013",
+        ]
+    );
+    rules.remove_pod_port(ip_addr("10.244.0.2"));
+    for (ip, port) in ports(&[("10.244.0.3", 40003), ("fd00::3", 40013)]) {
+        rules.set_pod_port(ip, port);
+    }
+    nft.verify(&rules).unwrap();
+
+    // A port change: the old pair removed and the new one added, in one transaction.
+    let new = NonZeroU16::new(40022).unwrap();
+    let old = rules.set_pod_port(ip_addr("fd00::2"), new).unwrap();
+    nft.update_ports(
+        &table,
+        &[(ip_addr("fd00::2"), new)],
+        &[(ip_addr("fd00::2"), old)],
+    )
+    .unwrap();
+    nft.verify(&rules).unwrap();
+
+    // A removal with another port than the kernel's fails the whole batch, which changes nothing.
+    let err = nft
+        .update_ports(
+            &table,
+            &ports(&[("10.244.0.4", 40004)]),
+            &ports(&[("10.244.0.3", 40999)]),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Rejected { .. }), "{err}");
+    nft.verify(&rules).unwrap();
+    nft.update_ports(&table, &[], &[]).unwrap();
+
+    // Set updates leave the maps alone, and draining drops the ports with the pods.
+    nft.update(&table, &ips(&["10.244.0.4"]), &[]).unwrap();
+    rules.add_pod(ip_addr("10.244.0.4"));
+    nft.verify(&rules).unwrap();
+    nft.apply(&rules.without_pods()).unwrap();
+    nft.verify(&rules.without_pods()).unwrap();
+
+    // REDIRECT ignores the ports: no maps, so a port update is rejected by nft.
+    let redirect = rules.clone().with_capture(Capture::Redirect);
+    nft.apply(&redirect).unwrap();
+    nft.verify(&redirect).unwrap();
+    let err = nft
+        .update_ports(&table, &ports(&[("10.244.0.2", 40002)]), &[])
+        .unwrap_err();
+    assert!(matches!(err, Error::Rejected { .. }), "{err}");
+    nft.remove(&redirect).unwrap();
+}
+
+#[test]
+fn tproxy_delivers_to_the_pod_port_or_falls_back_to_the_shared_listener() {
+    if !can_run() {
+        return;
+    }
+    // A node namespace with the rules and listeners, and a pod namespace whose three addresses
+    // stand for three pods, joined by a veth pair; the pods route everything via the node.
+    let node = Netns::create("node");
+    let pods = Netns::create("pods");
+    ip(
+        &node,
+        &[
+            "link", "add", "vpods", "type", "veth", "peer", "name", "eth0", "netns", &pods.0,
+        ],
+    );
+    ip(&node, &["addr", "add", "10.250.0.1/24", "dev", "vpods"]);
+    ip(&node, &["link", "set", "vpods", "up"]);
+    for addr in ["10.250.0.2/24", "10.250.0.3/24", "10.250.0.4/24"] {
+        ip(&pods, &["addr", "add", addr, "dev", "eth0"]);
+    }
+    ip(&pods, &["link", "set", "eth0", "up"]);
+    ip(&pods, &["route", "add", "default", "via", "10.250.0.1"]);
+
+    let (shared, tenant, closed_port) = in_netns(&node, || {
+        // A port nothing listens on: the kernel picked it free, and it is closed again.
+        let closed = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        (
+            transparent_listener(15001),
+            transparent_listener(0),
+            closed_port,
+        )
+    });
+    let tenant_port = tenant.local_addr().unwrap().port();
+    let (with_port, with_closed_port, without_port) = (
+        Ipv4Addr::new(10, 250, 0, 2),
+        Ipv4Addr::new(10, 250, 0, 3),
+        Ipv4Addr::new(10, 250, 0, 4),
+    );
+    let rules = RuleSet::default()
+        .with_pods([with_port, with_closed_port, without_port].map(IpAddr::V4))
+        .with_pod_ports([
+            (IpAddr::V4(with_port), NonZeroU16::new(tenant_port).unwrap()),
+            (
+                IpAddr::V4(with_closed_port),
+                NonZeroU16::new(closed_port).unwrap(),
+            ),
+        ]);
+    let nft = Nft::new().unwrap().in_netns(&node.0).unwrap();
+    nft.apply(&rules).unwrap();
+    nft.verify(&rules).unwrap();
+
+    // A destination outside both namespaces: only TPROXY's policy routing delivers it.
+    let dst = SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 80);
+    let listeners = [("shared", &shared), ("tenant", &tenant)];
+    assert_eq!(accepted_by(&pods, &listeners, with_port, dst), "tenant");
+    assert_eq!(
+        accepted_by(&pods, &listeners, with_closed_port, dst),
+        "shared"
+    );
+    assert_eq!(accepted_by(&pods, &listeners, without_port, dst), "shared");
+
+    // The tenant's listener closes: its pod falls back to the shared listener.
+    drop(tenant);
+    let listeners = [("shared", &shared)];
+    assert_eq!(accepted_by(&pods, &listeners, with_port, dst), "shared");
     nft.remove(&rules).unwrap();
 }
 
