@@ -35,6 +35,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// The tenants' pools.
     pub pools: Arc<Pools<Identity>>,
+    /// The tenants' own listeners, once the accept side is up (TPROXY, per-tenant isolation).
+    pub tenant_listeners: Arc<std::sync::OnceLock<Arc<crate::tenant_listeners::TenantListeners>>>,
 }
 
 /// Which routes a listener serves.
@@ -150,6 +152,9 @@ pub struct TenantInfo {
     pub sched_slice_us: Option<u64>,
     /// Its CPU weight.
     pub weight: u32,
+    /// Where its own listeners accept its pods' captured connections, on its own thread (empty:
+    /// they go through the shared listener).
+    pub listeners: Vec<std::net::SocketAddr>,
     /// CPU seconds its own threads used (absent when threads are shared).
     pub cpu_seconds: Option<f64>,
     /// Buffer bytes charged to it now.
@@ -209,6 +214,11 @@ fn tenants(state: &AdminState) -> Vec<TenantInfo> {
                 cpu_share,
                 sched_slice_us,
                 weight: s.weight,
+                listeners: state
+                    .tenant_listeners
+                    .get()
+                    .map(|l| l.addrs(id))
+                    .unwrap_or_default(),
                 cpu_seconds: s.cpu_seconds,
                 buffer_bytes: s.buffer_bytes,
                 limits: settings

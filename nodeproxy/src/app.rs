@@ -28,6 +28,7 @@ use crate::config::{
 use crate::metrics;
 use crate::outbound::{self, OrigDst, Outbound};
 use crate::state::{Readiness, Snapshot};
+use crate::tenant_listeners::TenantListeners;
 
 /// Start-time choices that are not user configuration.
 #[derive(Debug, Clone, Copy, Default)]
@@ -102,9 +103,34 @@ impl Rules {
         }))
     }
 
-    fn rule_set(&self, snap: &Snapshot) -> redirect::RuleSet {
-        self.empty.clone().with_pods(snap.meshed_ips())
+    fn rule_set(&self, snap: &Snapshot, ports: &PodPorts) -> redirect::RuleSet {
+        self.empty
+            .clone()
+            .with_pods(snap.meshed_ips())
+            .with_pod_ports(ports.iter().map(|(ip, port)| (*ip, *port)))
     }
+}
+
+/// Pod IP → its tenant's own capture port, as applied to the kernel's `pod_port` maps.
+type PodPorts = std::collections::BTreeMap<std::net::IpAddr, std::num::NonZeroU16>;
+
+/// Pod IP and capture port pairs, as `update_ports` takes them.
+type PortPairs = Vec<(std::net::IpAddr, std::num::NonZeroU16)>;
+
+/// What `update_ports` must add and remove to go from `old` to `new`: the removed pairs carry
+/// the port the kernel has.
+fn port_changes(old: &PodPorts, new: &PodPorts) -> (PortPairs, PortPairs) {
+    let removed = old
+        .iter()
+        .filter(|(ip, port)| new.get(ip) != Some(port))
+        .map(|(ip, port)| (*ip, *port))
+        .collect();
+    let added = new
+        .iter()
+        .filter(|(ip, port)| old.get(ip) != Some(port))
+        .map(|(ip, port)| (*ip, *port))
+        .collect();
+    (added, removed)
 }
 
 /// A single-threaded runtime on a thread of its own, stopped by dropping the handle.
@@ -172,6 +198,9 @@ pub struct Running {
     pub tunnel_addr: Option<SocketAddr>,
     state: AdminState,
     rules: Option<Rules>,
+    tenant_listeners: Option<Arc<TenantListeners>>,
+    /// The `pod_port` map entries in the kernel.
+    pod_ports: std::sync::Mutex<PodPorts>,
     accept: Option<RuntimeThread>,
     admin: Option<RuntimeThread>,
 }
@@ -247,6 +276,7 @@ pub fn start_with_view(
         snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
         readiness,
         pools,
+        tenant_listeners: Arc::default(),
     };
 
     let admin = RuntimeThread::start("np-admin", None)?;
@@ -286,7 +316,7 @@ pub fn start_with_view(
         let ctx = ctx.clone();
         accept.handle.spawn(async move {
             match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => outbound::accept_loop(l, ctx).await,
+                Ok(l) => outbound::accept_loop(l, ctx, metrics::Listener::Shared).await,
                 Err(e) => tracing::error!(error = %e, "cannot serve outbound listener"),
             }
         });
@@ -304,6 +334,18 @@ pub fn start_with_view(
         });
     }
 
+    // Each tenant's own listener, accepted on its own thread: with TPROXY (the rules' per-pod
+    // ports fall back to the shared listener) and per-tenant threads.
+    let tenant_listeners = (rules.is_some()
+        && transparent
+        && state.config.isolation.tenant_listeners
+        && state.config.isolation.mode == IsolationMode::PerTenant)
+        .then(|| Arc::new(TenantListeners::new(&outbound_addrs, ctx.clone())));
+    if let Some(listeners) = &tenant_listeners {
+        listeners.sync(&state.pools);
+        let _ = state.tenant_listeners.set(listeners.clone());
+    }
+
     let mut running = Running {
         outbound_addrs,
         admin_addr,
@@ -311,11 +353,14 @@ pub fn start_with_view(
         tunnel_addr,
         state,
         rules,
+        tenant_listeners,
+        pod_ports: std::sync::Mutex::default(),
         accept: Some(accept),
         admin: Some(admin),
     };
     if let Some(rules) = &running.rules {
-        let set = rules.rule_set(&running.state.snapshot.load());
+        let ports = running.wanted_pod_ports(&running.state.snapshot.load());
+        let set = rules.rule_set(&running.state.snapshot.load(), &ports);
         let applied = rules.nft.apply(&set).and_then(|()| rules.nft.verify(&set));
         if let Err(e) = applied {
             // Undo: nothing may stay in the kernel after a failed start.
@@ -327,8 +372,10 @@ pub fn start_with_view(
             capture = %set.capture,
             port = set.redirect_port,
             pods = set.meshed_v4.len() + set.meshed_v6.len(),
+            pods_on_tenant_listeners = ports.len(),
             "capture rules applied"
         );
+        *lock(&running.pod_ports) = ports;
         ::metrics::gauge!(metrics::REDIRECT_RULES_APPLIED).set(1.0);
     }
     running.state.readiness.set_rules_applied(true);
@@ -344,6 +391,14 @@ pub fn start_with_view(
 }
 
 impl Running {
+    /// The tenant capture port of every meshed pod whose tenant has its own listener.
+    fn wanted_pod_ports(&self, snap: &Snapshot) -> PodPorts {
+        self.tenant_listeners
+            .as_ref()
+            .map(|l| l.pod_ports(snap))
+            .unwrap_or_default()
+    }
+
     /// The resolved configuration.
     pub fn config(&self) -> &Config {
         &self.state.config
@@ -369,17 +424,48 @@ impl Running {
         let (old_ips, new_ips) = (old.meshed_ips(), new.meshed_ips());
         let added: Vec<_> = new_ips.difference(&old_ips).copied().collect();
         let removed: Vec<_> = old_ips.difference(&new_ips).copied().collect();
-        // Know new pods before their traffic is captured.
+        // Know new pods before their traffic is captured: the snapshot, their tenants' pools
+        // and own listeners, and those listeners' ports (harmless before the pod is in the
+        // meshed set, which the ports' rule checks first) all come before the set update.
+        // Port entries that no longer hold go first, before a removed tenant's listener closes
+        // and the kernel may give its port to another tenant's new one.
         let tenant_configs = new.tenant_configs();
-        self.state.snapshot.store(Arc::new(new));
+        let new = Arc::new(new);
+        self.state.snapshot.store(new.clone());
+        let mut applied = lock(&self.pod_ports);
         if let Some(rules) = &self.rules {
+            let still = self.wanted_pod_ports(&new);
+            let kept: PodPorts = applied
+                .iter()
+                .filter(|(ip, port)| still.get(ip) == Some(port))
+                .map(|(ip, port)| (*ip, *port))
+                .collect();
+            let (_, stale) = port_changes(&applied, &kept);
+            rules
+                .nft
+                .update_ports(&rules.empty.table, &[], &stale)
+                .context("cannot remove stale tenant capture ports")?;
+            *applied = kept;
+        }
+        let (t_added, t_removed) = self.state.pools.reconcile(&tenant_configs)?;
+        ::metrics::gauge!(metrics::TENANTS).set(self.state.pools.keys().len() as f64);
+        if let Some(listeners) = &self.tenant_listeners {
+            listeners.sync(&self.state.pools);
+        }
+        if let Some(rules) = &self.rules {
+            let wanted = self.wanted_pod_ports(&new);
+            let (ports_added, ports_removed) = port_changes(&applied, &wanted);
+            rules
+                .nft
+                .update_ports(&rules.empty.table, &ports_added, &ports_removed)
+                .context("cannot update the tenants' capture ports")?;
+            *applied = wanted;
             rules
                 .nft
                 .update(&rules.empty.table, &added, &removed)
                 .context("cannot update the capture set")?;
         }
-        let (t_added, t_removed) = self.state.pools.reconcile(&tenant_configs)?;
-        ::metrics::gauge!(metrics::TENANTS).set(self.state.pools.keys().len() as f64);
+        drop(applied);
         tracing::info!(
             pods_added = added.len(), pods_removed = removed.len(),
             tenants_added = ?t_added.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -529,14 +615,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Why a listener could not be bound.
 #[derive(Debug)]
-struct BindError {
+pub(crate) struct BindError {
     /// Setting IP_TRANSPARENT failed (rather than creating, binding or listening).
     transparent: bool,
-    source: std::io::Error,
+    pub(crate) source: std::io::Error,
 }
 
 impl BindError {
-    fn into_anyhow(self, addr: SocketAddr, flag: &str) -> anyhow::Error {
+    pub(crate) fn into_anyhow(self, addr: SocketAddr, flag: &str) -> anyhow::Error {
         if !self.transparent {
             return bind_error(addr, flag, self.source);
         }
@@ -556,7 +642,10 @@ impl BindError {
 
 /// Like [`bind`]; with `transparent`, sets IP_TRANSPARENT before binding, so that TPROXY can
 /// deliver connections for any destination to it.
-fn bind_with(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, BindError> {
+pub(crate) fn bind_with(
+    addr: SocketAddr,
+    transparent: bool,
+) -> Result<std::net::TcpListener, BindError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let plain = |source| BindError {
         transparent: false,
@@ -585,7 +674,7 @@ fn bind_with(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListene
     Ok(s.into())
 }
 
-fn is_no_ipv6(e: &std::io::Error) -> bool {
+pub(crate) fn is_no_ipv6(e: &std::io::Error) -> bool {
     // EAFNOSUPPORT (97) or EADDRNOTAVAIL when IPv6 is disabled.
     e.raw_os_error() == Some(97) || e.kind() == std::io::ErrorKind::AddrNotAvailable
 }
@@ -603,10 +692,44 @@ fn bind_error(addr: SocketAddr, flag: &str, e: std::io::Error) -> anyhow::Error 
     anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}{hint}")
 }
 
+// Guards plain data every writer leaves consistent; a poisoned lock only means a panic elsewhere.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_changes_remove_what_the_kernel_has_and_add_what_is_new() {
+        let port = |p: u16| std::num::NonZeroU16::new(p).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let old: PodPorts = [
+            (ip("10.0.0.1"), port(40001)),
+            (ip("10.0.0.2"), port(40002)),
+            (ip("fd00::3"), port(40003)),
+        ]
+        .into();
+        // .1 stays, .2 left, ::3 moved to another tenant's port, .4 is new.
+        let new: PodPorts = [
+            (ip("10.0.0.1"), port(40001)),
+            (ip("fd00::3"), port(40009)),
+            (ip("10.0.0.4"), port(40001)),
+        ]
+        .into();
+        let (added, removed) = port_changes(&old, &new);
+        assert_eq!(
+            added,
+            vec![(ip("10.0.0.4"), port(40001)), (ip("fd00::3"), port(40009))]
+        );
+        assert_eq!(
+            removed,
+            vec![(ip("10.0.0.2"), port(40002)), (ip("fd00::3"), port(40003))]
+        );
+        assert_eq!(port_changes(&new, &new), (vec![], vec![]));
+    }
 
     #[test]
     fn a_transparent_listener_without_privileges_names_the_fix() {

@@ -116,6 +116,11 @@ pub struct RunArgs {
     /// thread then preempts a busy one instead of waiting out its slice.
     #[arg(long, env = "NODEPROXY_SCHED_SLICE_US", default_value_t = DEFAULT_SCHED_SLICE_US)]
     pub sched_slice_us: u64,
+    /// Accept every captured connection on the shared listener's accept thread. By default,
+    /// with TPROXY and per-tenant isolation, each tenant has a transparent listener of its own,
+    /// accepted on its own thread, and the shared listener is only the fallback.
+    #[arg(long, env = "NODEPROXY_NO_TENANT_LISTENERS")]
+    pub no_tenant_listeners: bool,
     /// Mesh tunnel listener (mTLS, HTTP/2 CONNECT). Peers are always dialled on port 15008.
     #[arg(long, env = "NODEPROXY_TUNNEL_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::TUNNEL)))]
     pub tunnel_addr: SocketAddr,
@@ -205,6 +210,8 @@ pub struct IsolationConfig {
     pub cgroup_parent: Option<PathBuf>,
     /// EEVDF slice of the accept and pool threads, µs (`None`: the kernel's default).
     pub sched_slice_us: Option<u64>,
+    /// Each tenant accepts its pods' connections on a listener of its own (TPROXY, per-tenant).
+    pub tenant_listeners: bool,
 }
 
 /// Where the world view comes from.
@@ -415,6 +422,7 @@ impl Config {
             cpu_control: args.cpu_control,
             cgroup_parent: args.cgroup_parent.clone(),
             sched_slice_us: (args.sched_slice_us > 0).then_some(args.sched_slice_us),
+            tenant_listeners: !args.no_tenant_listeners,
         };
         let (min, max) = tenancy::cpu::SLICE_RANGE;
         if args.sched_slice_us > 0

@@ -22,4 +22,5 @@ pub mod outbound;
 pub mod relay;
 pub mod splice;
 pub mod state;
+pub mod tenant_listeners;
 pub mod tunnel;

@@ -23,6 +23,9 @@ pub const TCP_WRITE_BYTES_TOTAL: &str = "nodeproxy_tcp_write_bytes_total";
 pub const TCP_OPEN_CONNECTIONS: &str = "nodeproxy_tcp_open_connections";
 /// Connections refused before any tenant was chosen (label `reason`).
 pub const TCP_REFUSED_TOTAL: &str = "nodeproxy_tcp_refused_total";
+/// Captured connections accepted (label `listener`: `tenant` for a tenant's own listener,
+/// `shared` for the shared one on 15001, which in per-tenant mode means a fallback).
+pub const OUTBOUND_ACCEPTED_TOTAL: &str = "nodeproxy_outbound_accepted_total";
 /// Number of local tenants (pools).
 pub const TENANTS: &str = "nodeproxy_tenants";
 /// Panics caught inside a tenant's pool.
@@ -65,6 +68,25 @@ impl Direction {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Which listener accepted a captured connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The shared outbound listener (15001), on the accept thread.
+    Shared,
+    /// A tenant's own listener, on the tenant's pool thread.
+    Tenant,
+}
+
+impl Listener {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Shared => "shared",
+            Listener::Tenant => "tenant",
         }
     }
 }

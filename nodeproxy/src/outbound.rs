@@ -201,7 +201,11 @@ pub struct Outbound {
 }
 
 /// Accepts captured connections forever, classifying each and handing it to its tenant's pool.
-pub async fn accept_loop(listener: TcpListener, ctx: Outbound) {
+/// `kind` says which listener this is (for `nodeproxy_outbound_accepted_total`); on a tenant's
+/// own listener the loop runs in that tenant's pool, and the hand-off stays on its thread.
+pub async fn accept_loop(listener: TcpListener, ctx: Outbound, kind: metrics::Listener) {
+    let accepted =
+        ::metrics::counter!(metrics::OUTBOUND_ACCEPTED_TOTAL, "listener" => kind.as_str());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -212,6 +216,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Outbound) {
                 continue;
             }
         };
+        accepted.increment(1);
         let orig = ctx.orig_dst.lookup(&stream);
         let decision = decide(
             &ctx.snapshot.load(),

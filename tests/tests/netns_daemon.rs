@@ -171,6 +171,43 @@ fn captures_relays_and_cleans_up(capture: &str) {
         2.0,
         "only meshed traffic was proxied"
     );
+    // With TPROXY each tenant accepts on a listener of its own (its port in the rules' pod_port
+    // maps); REDIRECT has only the shared one.
+    let (own, shared) = if capture == "tproxy" {
+        ("tenant", "shared")
+    } else {
+        ("shared", "tenant")
+    };
+    let accepted = |m: &_, listener: &str| {
+        metric_sum(
+            m,
+            "nodeproxy_outbound_accepted_total",
+            &[("listener", listener)],
+        )
+    };
+    assert_eq!(
+        (accepted(&m, own), accepted(&m, shared)),
+        (2.0, 0.0),
+        "{:?}",
+        m.samples
+            .iter()
+            .filter(|s| s.metric.contains("accepted"))
+            .collect::<Vec<_>>()
+    );
+    let (_, tenants) = daemon.get("/tenants").unwrap();
+    let tenants: serde_json::Value = serde_json::from_str(&tenants).unwrap();
+    let alpha = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == ALPHA)
+        .unwrap();
+    let listeners = alpha["listeners"].as_array().unwrap();
+    assert_eq!(
+        listeners.len(),
+        if capture == "tproxy" { 2 } else { 0 },
+        "{alpha}"
+    );
 
     // Meshing `plain` on the running daemon (SIGHUP reloads the file): pod 3 is captured from
     // now on, by a set update, without reloading the table.
@@ -207,6 +244,9 @@ fn captures_relays_and_cleans_up(capture: &str) {
         IpAddr::V4(topo.node_ip_for_pod(2)),
         "pod 3 now captured"
     );
+    // ...through its new tenant's own listener (TPROXY), which the update gave its port.
+    let m = daemon.metrics().unwrap();
+    assert_eq!((accepted(&m, own), accepted(&m, shared)), (3.0, 0.0));
 
     // A clean stop removes the rules.
     assert!(nft_tables(topo).contains("inet nodeproxy"));
