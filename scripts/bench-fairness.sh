@@ -5,7 +5,10 @@
 # TENANT_WEIGHT=N gives both tenants a TenantPolicy weight N (pods have 100); DAEMON_WEIGHT
 # (default 200) is the daemon's own group; TENANT_GROUPS=nested puts the tenant groups under the
 # daemon's group (cgroup v1; flat beside the pods by default); MODES=per-tenant skips the shared
-# mode. scripts/trace-fairness-tail.sh shows where the victim's tail comes from.
+# mode. NEIGHBOUR=storm makes B a connection storm (STORM_CLIENTS, default 4, parallel clients
+# connecting as fast as they can) instead of iperf3. NODEPROXY_NO_TENANT_LISTENERS=1 (read by
+# the daemon) sends every connection through the shared accept thread, for comparison.
+# scripts/trace-fairness-tail.sh shows where the victim's tail comes from.
 # Last line: victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… off_conn_rate_ratio=…
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -45,6 +45,12 @@ fn main() -> anyhow::Result<()> {
     // Helper roles, run as child processes inside a pod's namespace and cgroup.
     match args.get(1).map(String::as_str) {
         Some("echo-server") => return echo_server(args.get(2).context("port")?.parse()?),
+        Some("conn-storm") => {
+            return conn_storm(
+                args.get(2).context("addr")?.parse()?,
+                args.get(3).context("secs")?.parse()?,
+            );
+        }
         Some("conn-rate") => {
             return conn_rate(
                 args.get(2).context("addr")?.parse()?,
@@ -85,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     spawn_in(2, &me, &["echo-server", &ECHO_PORT.to_string()])?;
+    spawn_in(4, &me, &["echo-server", &ECHO_PORT.to_string()])?;
     spawn_in(4, Path::new("iperf3"), &["-s", "-p", "5201"])?;
     std::thread::sleep(Duration::from_millis(500));
 
@@ -102,6 +109,15 @@ fn main() -> anyhow::Result<()> {
         nodeproxy_bin().display(),
         cg.describe()
     );
+
+    // What tenant B does: `bulk` (iperf3 -P 4, the default) or `storm` (STORM_CLIENTS parallel
+    // clients opening connections as fast as they can: a tenant in a reconnect loop).
+    let neighbour = std::env::var("NEIGHBOUR").unwrap_or_else(|_| "bulk".into());
+    if !["bulk", "storm"].contains(&neighbour.as_str()) {
+        bail!("NEIGHBOUR={neighbour:?}: give bulk (iperf3 -P 4) or storm (a connection storm)");
+    }
+    let storm_clients: u16 = env_or("STORM_CLIENTS", 4);
+    eprintln!("tenant B: {neighbour}");
 
     let mut results = Vec::new();
     let (mut control_alone, mut control_noisy) = (Vec::new(), Vec::new());
@@ -133,19 +149,24 @@ fn main() -> anyhow::Result<()> {
             let a = measure_victim(&topo, &cg, &me, secs)?;
             eprintln!("[{mode}] round {round}/{rounds} alone:  {a}");
             alone.push(a);
-            let mut bulk = cg.spawn(
-                "pod3",
-                topo.pod(3),
-                Path::new("iperf3"),
-                &[
-                    "-c",
-                    &topo.pod_ip(4).to_string(),
-                    "-P",
-                    "4",
-                    "-t",
-                    &(3 * secs + 10).to_string(),
-                ],
-            )?;
+            let b_secs = (3 * secs + 10).to_string();
+            let mut bulk = if neighbour == "storm" {
+                (0..storm_clients)
+                    .map(|i| {
+                        let addr = SocketAddr::from((topo.pod_ip(4), ECHO_PORT + i % ECHO_PORTS));
+                        cg.spawn(
+                            "pod3",
+                            topo.pod(3),
+                            &me,
+                            &["conn-storm", &addr.to_string(), &b_secs],
+                        )
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            } else {
+                let server = topo.pod_ip(4).to_string();
+                let args = ["-c", &server, "-P", "4", "-t", &b_secs];
+                vec![cg.spawn("pod3", topo.pod(3), Path::new("iperf3"), &args)?]
+            };
             std::thread::sleep(Duration::from_secs(1));
             if control {
                 let c = ping_pong(&topo, &cg, 5, 6, secs);
@@ -157,8 +178,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let n = measure_victim(&topo, &cg, &me, secs);
-            let _ = bulk.kill();
-            let _ = bulk.wait();
+            for b in &mut bulk {
+                let _ = b.kill();
+                let _ = b.wait();
+            }
             let n = n?;
             eprintln!("[{mode}] round {round}/{rounds} with B: {n}");
             noisy.push(n);
@@ -362,6 +385,26 @@ fn conn_rate(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
         n += 1;
     }
     println!("{:.1}", n as f64 / start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Helper role: connect → 1 byte → echo → reset, as fast as possible for `secs`, on and on
+/// through errors (a tenant in a reconnect loop). The reset (linger 0) leaves no TIME_WAIT, so
+/// the storm does not run out of ports.
+fn conn_storm(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        let one = || -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)
+        };
+        if one().is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     Ok(())
 }
 
