@@ -42,6 +42,12 @@ impl Drop for Netns {
 }
 
 /// Why these tests cannot run here, if they cannot.
+/// Applies `rules` and checks the kernel has exactly them.
+fn apply_and_verify(nft: &Nft, rules: &RuleSet) {
+    nft.apply(rules).unwrap();
+    nft.verify(rules).unwrap();
+}
+
 fn missing_privileges() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status
@@ -249,16 +255,13 @@ fn apply_verify_update_remove() {
 
     // Applying over the existing table replaces it (idempotent, no duplicate rules).
     nft.apply(&rules).unwrap();
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
 
     // A different port replaces the rules too, and so does the other capture mode.
     rules.redirect_port = NonZeroU16::new(16001).unwrap();
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
     rules.capture = Capture::Tproxy;
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
 
     nft.remove(&rules).unwrap();
     assert!(!nft.exists(&table).unwrap());
@@ -275,8 +278,7 @@ fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
     let rules = RuleSet::default().with_pods(ips(&["10.244.0.2", "fd00::2"]));
     assert_eq!(rules.capture, Capture::Tproxy);
 
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
     for family in ["-4", "-6"] {
         assert_eq!(
             ip_show(&netns, family, "rule"),
@@ -290,8 +292,7 @@ fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
         );
     }
     // Applying again changes nothing and duplicates nothing.
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
     assert_eq!(ip_show(&netns, "-4", "rule").lines().count(), 1);
 
     // A crashed run of another configuration left a second rule and a stray route: verify names
@@ -325,8 +326,7 @@ fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
         "{err}"
     );
     assert!(differences[1].contains("10.9.0.0/16"), "{err}");
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
 
     // Missing policy routing is named too.
     ip(
@@ -341,16 +341,14 @@ fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
 
     // REDIRECT over a TPROXY leftover: the table is replaced and the policy routing removed.
     let redirect = rules.clone().with_capture(Capture::Redirect);
-    nft.apply(&redirect).unwrap();
-    nft.verify(&redirect).unwrap();
+    apply_and_verify(&nft, &redirect);
     for family in ["-4", "-6"] {
         assert_eq!(ip_show(&netns, family, "rule"), "", "{family}");
         assert_eq!(ip_show(&netns, family, "route"), "", "{family}");
     }
 
     // And back; then remove takes the table and the policy routing.
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
     nft.remove(&rules).unwrap();
     assert!(!nft.exists(&rules.table).unwrap());
     for family in ["-4", "-6"] {
@@ -371,8 +369,7 @@ fn pod_ports_are_applied_verified_and_updated() {
     let mut rules = RuleSet::new(table.clone(), NonZeroU16::new(15001).unwrap())
         .with_pods(ips(&["10.244.0.2", "10.244.0.3", "fd00::2", "fd00::3"]))
         .with_pod_ports(ports(&[("10.244.0.2", 40002), ("fd00::2", 40012)]));
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
 
     // Add one entry per family, remove one present and one absent entry.
     nft.update_ports(
@@ -426,13 +423,11 @@ fn pod_ports_are_applied_verified_and_updated() {
     nft.update(&table, &ips(&["10.244.0.4"]), &[]).unwrap();
     rules.add_pod(ip_addr("10.244.0.4"));
     nft.verify(&rules).unwrap();
-    nft.apply(&rules.without_pods()).unwrap();
-    nft.verify(&rules.without_pods()).unwrap();
+    apply_and_verify(&nft, &rules.without_pods());
 
     // REDIRECT ignores the ports: no maps, so a port update is rejected by nft.
     let redirect = rules.clone().with_capture(Capture::Redirect);
-    nft.apply(&redirect).unwrap();
-    nft.verify(&redirect).unwrap();
+    apply_and_verify(&nft, &redirect);
     let err = nft
         .update_ports(&table, &ports(&[("10.244.0.2", 40002)]), &[])
         .unwrap_err();
@@ -490,8 +485,7 @@ fn tproxy_delivers_to_the_pod_port_or_falls_back_to_the_shared_listener() {
             ),
         ]);
     let nft = Nft::new().unwrap().in_netns(&node.0).unwrap();
-    nft.apply(&rules).unwrap();
-    nft.verify(&rules).unwrap();
+    apply_and_verify(&nft, &rules);
 
     // A destination outside both namespaces: only TPROXY's policy routing delivers it.
     let dst = SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 80);
