@@ -226,11 +226,7 @@ fn run_worker(
 
 /// Runs a service until it ends or its worker closes; a panic ends only the service.
 async fn run_service(service: Service) {
-    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| service())) {
-        Ok(fut) => CatchUnwind(fut).await,
-        Err(panic) => Err(panic),
-    };
-    if let Err(panic) = outcome {
+    if let Err(panic) = run_caught(|| service()).await {
         tracing::error!(
             panic = panic_message(&panic),
             "a pool service panicked; it runs again only if the worker restarts"
@@ -242,16 +238,20 @@ async fn run_job(job: Job, counters: Arc<Counters>, running: Arc<AtomicI64>) {
     counters.active.fetch_add(1, Ordering::Relaxed);
     running.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(&counters, &running);
-    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(job)) {
-        Ok(fut) => CatchUnwind(fut).await,
-        Err(panic) => Err(panic),
-    };
-    if let Err(panic) = outcome {
+    if let Err(panic) = run_caught(job).await {
         counters.panics.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             panic = panic_message(&panic),
             "a job panicked; its pool keeps running"
         );
+    }
+}
+
+/// Builds the future with `make` and runs it, catching a panic in either.
+async fn run_caught(make: impl FnOnce() -> LocalFuture) -> std::thread::Result<()> {
+    match std::panic::catch_unwind(AssertUnwindSafe(make)) {
+        Ok(fut) => CatchUnwind(fut).await,
+        Err(panic) => Err(panic),
     }
 }
 
