@@ -83,16 +83,23 @@ impl TenantListeners {
     }
 
     fn start(&self, pool: &tenancy::Pool) -> anyhow::Result<Vec<SocketAddr>> {
-        let mut addrs = Vec::new();
+        // Bind every family first: a failure then leaves no service behind, and the next sync
+        // tries again from scratch.
+        let mut listeners = Vec::new();
         for shared in &self.shared {
             let addr = SocketAddr::new(shared.ip(), 0);
-            let listener = match crate::app::bind_with(addr, true) {
-                Ok(l) => Arc::new(l),
+            match crate::app::bind_with(addr, true) {
+                Ok(l) => listeners.push(Arc::new(l)),
                 // Like the shared listener, a host without IPv6 still serves IPv4.
-                Err(e) if addr.is_ipv6() && crate::app::is_no_ipv6(&e.source) => continue,
+                Err(e) if addr.is_ipv6() && crate::app::is_no_ipv6(&e.source) => {}
                 Err(e) => return Err(e.into_anyhow(addr, "a tenant listener")),
-            };
-            addrs.push(listener.local_addr()?);
+            }
+        }
+        let addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for listener in listeners {
             let ctx = self.ctx.clone();
             pool.spawn_service(move || {
                 // A new socket handle per worker (the first, or one the supervisor restarted);
