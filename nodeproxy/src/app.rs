@@ -198,7 +198,6 @@ pub struct Running {
     pub tunnel_addr: Option<SocketAddr>,
     state: AdminState,
     rules: Option<Rules>,
-    tenant_listeners: Option<Arc<TenantListeners>>,
     /// The `pod_port` map entries in the kernel.
     pod_ports: std::sync::Mutex<PodPorts>,
     accept: Option<RuntimeThread>,
@@ -336,14 +335,14 @@ pub fn start_with_view(
 
     // Each tenant's own listener, accepted on its own thread: with TPROXY (the rules' per-pod
     // ports fall back to the shared listener) and per-tenant threads.
-    let tenant_listeners = (rules.is_some()
+    if rules.is_some()
         && transparent
         && state.config.isolation.tenant_listeners
-        && state.config.isolation.mode == IsolationMode::PerTenant)
-        .then(|| Arc::new(TenantListeners::new(&outbound_addrs, ctx.clone())));
-    if let Some(listeners) = &tenant_listeners {
+        && state.config.isolation.mode == IsolationMode::PerTenant
+    {
+        let listeners = Arc::new(TenantListeners::new(&outbound_addrs, ctx.clone()));
         listeners.sync(&state.pools);
-        let _ = state.tenant_listeners.set(listeners.clone());
+        let _ = state.tenant_listeners.set(listeners);
     }
 
     let mut running = Running {
@@ -353,14 +352,14 @@ pub fn start_with_view(
         tunnel_addr,
         state,
         rules,
-        tenant_listeners,
         pod_ports: std::sync::Mutex::default(),
         accept: Some(accept),
         admin: Some(admin),
     };
     if let Some(rules) = &running.rules {
-        let ports = running.wanted_pod_ports(&running.state.snapshot.load());
-        let set = rules.rule_set(&running.state.snapshot.load(), &ports);
+        let snap = running.state.snapshot.load();
+        let ports = running.wanted_pod_ports(&snap);
+        let set = rules.rule_set(&snap, &ports);
         let applied = rules.nft.apply(&set).and_then(|()| rules.nft.verify(&set));
         if let Err(e) = applied {
             // Undo: nothing may stay in the kernel after a failed start.
@@ -393,8 +392,9 @@ pub fn start_with_view(
 impl Running {
     /// The tenant capture port of every meshed pod whose tenant has its own listener.
     fn wanted_pod_ports(&self, snap: &Snapshot) -> PodPorts {
-        self.tenant_listeners
-            .as_ref()
+        self.state
+            .tenant_listeners
+            .get()
             .map(|l| l.pod_ports(snap))
             .unwrap_or_default()
     }
@@ -434,22 +434,18 @@ impl Running {
         self.state.snapshot.store(new.clone());
         let mut applied = lock(&self.pod_ports);
         if let Some(rules) = &self.rules {
-            let still = self.wanted_pod_ports(&new);
-            let kept: PodPorts = applied
-                .iter()
-                .filter(|(ip, port)| still.get(ip) == Some(port))
-                .map(|(ip, port)| (*ip, *port))
-                .collect();
-            let (_, stale) = port_changes(&applied, &kept);
+            let (_, stale) = port_changes(&applied, &self.wanted_pod_ports(&new));
             rules
                 .nft
                 .update_ports(&rules.empty.table, &[], &stale)
                 .context("cannot remove stale tenant capture ports")?;
-            *applied = kept;
+            for (ip, _) in &stale {
+                applied.remove(ip);
+            }
         }
         let (t_added, t_removed) = self.state.pools.reconcile(&tenant_configs)?;
         ::metrics::gauge!(metrics::TENANTS).set(self.state.pools.keys().len() as f64);
-        if let Some(listeners) = &self.tenant_listeners {
+        if let Some(listeners) = self.state.tenant_listeners.get() {
             listeners.sync(&self.state.pools);
         }
         if let Some(rules) = &self.rules {
