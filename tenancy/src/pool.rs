@@ -8,8 +8,10 @@
 //! on and off in the same run.
 //!
 //! A job is a `Send` closure called on the worker's thread that returns the future to run
-//! there; a panic in either is caught at the job boundary and counted. A supervisor pass
-//! ([`Pools::supervise`]) restarts a tenant's worker whose thread died.
+//! there; a panic in either is caught at the job boundary and counted. A service
+//! ([`Pool::spawn_service`]) is a long-lived task of the pool (the tenant's own listener): not
+//! counted, stopped when the pool closes. A supervisor pass ([`Pools::supervise`]) restarts a
+//! tenant's worker whose thread died, and its services with it.
 //!
 //! Must not touch: sockets, identities, the environment.
 
