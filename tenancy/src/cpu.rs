@@ -49,6 +49,26 @@ impl Mechanism {
 /// The default weight (as cgroup v2's `cpu.weight`).
 pub const DEFAULT_WEIGHT: u32 = 100;
 
+/// Flat tenant groups (cgroup v1, [`CpuControl::v1_flat`]) stand beside the pods, so their
+/// weight is also a share *against pods*, not only against other tenants. There a tenant's
+/// weight is multiplied by this factor: weight 100 is worth four 1-CPU pods (`cpu.shares` 4096).
+///
+/// Why: a relay thread does the socket work of both ends of every connection it carries.
+/// Measured in the fairness benchmark (2 vCPUs, `scripts/bench-fairness.sh`), the victim's pool
+/// thread used 45–50 % of a CPU while its client and server pods used about 20 % each during
+/// ping-pong, and 70–79 % against 37 % and 19 % while opening connections: 2.2–2.7 pods' worth.
+/// At one pod's weight the relay's fair share beside a busy neighbour's three threads is below
+/// that demand, so it waits, runnable, and its pods' requests wait with it (p99 ×1.3–2.8,
+/// connection rate ×0.65–0.77). The factor gives it headroom over the measured ×2.7.
+///
+/// A larger weight takes nothing from pods a relay does not serve: its work is derived from its
+/// pods' traffic, which their own weights bound (and a connection storm, its tenant's limits).
+/// It stays one thread, so one CPU at most. Relative weights between tenants are unchanged.
+pub const FLAT_RELAY_FACTOR: u32 = 4;
+
+/// The largest `cpu.shares` cgroup v1 accepts.
+const V1_MAX_SHARES: u64 = 1 << 18;
+
 /// Places pool threads in per-tenant CPU groups.
 #[derive(Debug, Clone)]
 pub struct CpuControl {
@@ -58,6 +78,9 @@ pub struct CpuControl {
     prefix: String,
     /// The EEVDF slice given to every placed thread (`None`: the kernel's default).
     slice: Option<Duration>,
+    /// Tenant weights are multiplied by this before they reach the kernel: 1, or
+    /// [`FLAT_RELAY_FACTOR`] for groups beside the pods.
+    factor: u32,
 }
 
 impl CpuControl {
@@ -67,6 +90,7 @@ impl CpuControl {
             mechanism: Mechanism::None,
             prefix: String::new(),
             slice: None,
+            factor: 1,
         }
     }
 
@@ -76,13 +100,14 @@ impl CpuControl {
             mechanism: Mechanism::Nice,
             prefix: String::new(),
             slice: None,
+            factor: 1,
         }
     }
 
     /// cgroup v1 only: tenant groups directly inside `parent` (a path below the cpu hierarchy's
     /// mount, e.g. `kubepods`), as siblings of the pods there, named `<group>-<pid>-<tenant>`.
     /// A light tenant then keeps its own scheduling lag instead of sharing one with every busy
-    /// tenant of the daemon's group. cgroup v2 cannot move threads out of the daemon's own
+    /// tenant of the daemon's group. Weights are multiplied by [`FLAT_RELAY_FACTOR`] there. cgroup v2 cannot move threads out of the daemon's own
     /// subtree, so there this is an error.
     pub fn v1_flat(parent: &Path, group: &str) -> io::Result<Self> {
         let root = v1_root()?;
@@ -100,6 +125,7 @@ impl CpuControl {
             mechanism: Mechanism::CgroupV1(base),
             prefix,
             slice: None,
+            factor: FLAT_RELAY_FACTOR,
         })
     }
 
@@ -124,6 +150,7 @@ impl CpuControl {
             mechanism,
             prefix: String::new(),
             slice: None,
+            factor: 1,
         }
     }
 
@@ -144,8 +171,23 @@ impl CpuControl {
         &self.mechanism
     }
 
+    /// What a tenant `weight` (1..=10000) becomes in the kernel: `cpu.weight` (cgroup v2) or
+    /// `cpu.shares` (cgroup v1; ×[`FLAT_RELAY_FACTOR`] for groups beside the pods); `None`
+    /// where no cgroup is written.
+    pub fn kernel_weight(&self, weight: u32) -> Option<u64> {
+        let weight = weight.clamp(1, 10_000);
+        match &self.mechanism {
+            Mechanism::CgroupV2(_) => Some(u64::from(weight)),
+            Mechanism::CgroupV1(_) => {
+                Some(v1_shares(weight.saturating_mul(self.factor)).min(V1_MAX_SHARES))
+            }
+            Mechanism::Nice | Mechanism::None => None,
+        }
+    }
+
     /// Puts thread `tid` into tenant `slug`'s group with `weight` (1..=10000).
     pub fn place(&self, slug: &str, tid: i64, weight: u32) -> io::Result<()> {
+        let kernel = self.kernel_weight(weight).unwrap_or_default().to_string();
         let weight = weight.clamp(1, 10_000);
         // The slice first: sched_setattr also resets nice, which the nice mechanism sets below.
         if let Some(slice) = self.slice
@@ -161,13 +203,13 @@ impl CpuControl {
                 if fs::read_to_string(dir.join("cgroup.type"))?.trim() != "threaded" {
                     fs::write(dir.join("cgroup.type"), "threaded")?;
                 }
-                fs::write(dir.join("cpu.weight"), weight.to_string())?;
+                fs::write(dir.join("cpu.weight"), kernel)?;
                 fs::write(dir.join("cgroup.threads"), tid.to_string())
             }
             Mechanism::CgroupV1(base) => {
                 let dir = base.join(format!("{}{slug}", self.prefix));
                 ensure_dir(&dir)?;
-                fs::write(dir.join("cpu.shares"), v1_shares(weight).to_string())?;
+                fs::write(dir.join("cpu.shares"), kernel)?;
                 fs::write(dir.join("tasks"), tid.to_string())
             }
             Mechanism::Nice => set_nice(tid, weight_to_nice(weight)),
@@ -456,6 +498,28 @@ mod tests {
         assert_eq!(weight_to_nice(25), 6);
         assert_eq!(weight_to_nice(10_000), -20);
         assert_eq!(weight_to_nice(1), 19);
+    }
+
+    #[test]
+    fn flat_groups_weigh_a_relay_against_pods() {
+        let flat = CpuControl {
+            mechanism: Mechanism::CgroupV1("/x".into()),
+            prefix: "np-1-".into(),
+            slice: None,
+            factor: FLAT_RELAY_FACTOR,
+        };
+        assert_eq!(flat.kernel_weight(100), Some(4096));
+        assert_eq!(flat.kernel_weight(25), Some(1024));
+        // cgroup v1's ceiling, not an error.
+        assert_eq!(flat.kernel_weight(10_000), Some(1 << 18));
+        let nested = CpuControl {
+            prefix: String::new(),
+            factor: 1,
+            ..flat
+        };
+        assert_eq!(nested.kernel_weight(100), Some(1024));
+        assert_eq!(nested.kernel_weight(0), Some(10));
+        assert_eq!(CpuControl::nice().kernel_weight(100), None);
     }
 
     #[test]

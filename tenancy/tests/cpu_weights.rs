@@ -67,6 +67,13 @@ fn split_by_weight(cpu: CpuControl) {
         !matches!(cpu.mechanism(), Mechanism::None),
         "detect() must find a mechanism"
     );
+    let kernel = |w: u32| cpu.kernel_weight(w).unwrap();
+    let (light_kernel, heavy_kernel) = (kernel(100), kernel(400));
+    let base = match cpu.mechanism() {
+        Mechanism::CgroupV1(b) => Some((b.clone(), "cpu.shares")),
+        Mechanism::CgroupV2(b) => Some((b.clone(), "cpu.weight")),
+        _ => None,
+    };
     let pools: Pools<String> = Pools::with(Isolation::PerTenant, cpu).unwrap();
     let wanted: BTreeMap<String, TenantConfig> = [("light", 100), ("heavy", 400)]
         .into_iter()
@@ -86,6 +93,22 @@ fn split_by_weight(cpu: CpuControl) {
     while pools.stats().iter().any(|(_, s)| s.tids[0] == 0) {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
+    }
+    // What the kernel was given: the weights, ×4 in flat groups (see FLAT_RELAY_FACTOR).
+    if let Some((base, file)) = &base {
+        for (name, want) in [("light", light_kernel), ("heavy", heavy_kernel)] {
+            let dir = std::fs::read_dir(base)
+                .unwrap()
+                .flatten()
+                .find(|e| e.file_name().to_string_lossy().ends_with(name))
+                .unwrap_or_else(|| panic!("no group for {name} in {}", base.display()));
+            let got: u64 = std::fs::read_to_string(dir.path().join(file))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_eq!(got, want, "{file} of {name}");
+        }
     }
     // Both workers on CPU 0, so they must share it.
     let mut one_cpu = nix::sched::CpuSet::new();
