@@ -152,6 +152,9 @@ pub struct TenantInfo {
     pub sched_slice_us: Option<u64>,
     /// Its CPU weight.
     pub weight: u32,
+    /// What the kernel was given for it: `cpu.weight` (cgroup v2) or `cpu.shares` (cgroup v1;
+    /// ×4 where tenant groups sit beside the pods, `--cgroup-parent`); absent with nice or none.
+    pub kernel_weight: Option<u64>,
     /// Where its own listeners accept its pods' captured connections, on its own thread (empty:
     /// they go through the shared listener).
     pub listeners: Vec<std::net::SocketAddr>,
@@ -214,6 +217,7 @@ fn tenants(state: &AdminState) -> Vec<TenantInfo> {
                 cpu_share,
                 sched_slice_us,
                 weight: s.weight,
+                kernel_weight: state.pools.cpu().kernel_weight(s.weight),
                 listeners: state
                     .tenant_listeners
                     .get()
