@@ -2,7 +2,8 @@
 # The noisy neighbour: victim tenant A's ping-pong p99 and new-connection rate through nodeproxy,
 # alone and while tenant B pushes iperf3 -P 4 through the same daemon; isolation on and off.
 # Release build; needs root. SECONDS (default 5) per measurement, ROUNDS (default 5).
-# TENANT_WEIGHT=N gives both tenants a TenantPolicy weight N (pods have 100); DAEMON_WEIGHT
+# TENANT_WEIGHT=N gives both tenants a TenantPolicy weight N (default 100; pods have 1024
+# shares, and flat tenant groups get N x 4 x 10.24, so N=25 weighs a relay like one pod); DAEMON_WEIGHT
 # (default 200) is the daemon's own group; TENANT_GROUPS=nested puts the tenant groups under the
 # daemon's group (cgroup v1; flat beside the pods by default); MODES=per-tenant skips the shared
 # mode. NEIGHBOUR=storm makes B a connection storm (STORM_CLIENTS, default 4, parallel clients

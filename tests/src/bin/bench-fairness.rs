@@ -8,8 +8,9 @@
 //! as raw processes and no proxy could protect the victim.
 //!
 //! Run it with `scripts/bench-fairness.sh` (release build, root). The last line is
-//! `victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… … control_p99_ratio=…` (with B /
-//! alone; the control is a pod pair outside the mesh, what the kernel alone gives).
+//! `victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… … control_p99_ratio=…
+//! control_conn_rate_ratio=…` (with B / alone; the control is a pod pair outside the mesh, what
+//! the kernel alone gives, measured the same two ways).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -90,8 +91,9 @@ fn main() -> anyhow::Result<()> {
             ],
         )?;
     }
-    spawn_in(2, &me, &["echo-server", &ECHO_PORT.to_string()])?;
-    spawn_in(4, &me, &["echo-server", &ECHO_PORT.to_string()])?;
+    for pod in [2, 4, 6] {
+        spawn_in(pod, &me, &["echo-server", &ECHO_PORT.to_string()])?;
+    }
     spawn_in(4, Path::new("iperf3"), &["-s", "-p", "5201"])?;
     std::thread::sleep(Duration::from_millis(500));
 
@@ -140,13 +142,11 @@ fn main() -> anyhow::Result<()> {
             // The control pair does not go through the daemon: measured in the first mode only.
             let control = mode == "per-tenant";
             if control {
-                let (p50, p99) = ping_pong(&topo, &cg, 5, 6, secs)?;
-                eprintln!(
-                    "[outside the mesh] round {round}/{rounds} alone:  p50 {p50:.0} µs, p99 {p99:.0} µs"
-                );
-                control_alone.push(p99);
+                let c = measure_pair(&topo, &cg, &me, (5, 6), secs)?;
+                eprintln!("[outside the mesh] round {round}/{rounds} alone:  {c}");
+                control_alone.push(c);
             }
-            let a = measure_victim(&topo, &cg, &me, secs)?;
+            let a = measure_pair(&topo, &cg, &me, (1, 2), secs)?;
             eprintln!("[{mode}] round {round}/{rounds} alone:  {a}");
             alone.push(a);
             let b_secs = (3 * secs + 10).to_string();
@@ -168,16 +168,11 @@ fn main() -> anyhow::Result<()> {
                 vec![cg.spawn("pod3", topo.pod(3), Path::new("iperf3"), &args)?]
             };
             std::thread::sleep(Duration::from_secs(1));
-            if control {
-                let c = ping_pong(&topo, &cg, 5, 6, secs);
-                if let Ok((p50, p99)) = &c {
-                    eprintln!(
-                        "[outside the mesh] round {round}/{rounds} with B: p50 {p50:.0} µs, p99 {p99:.0} µs"
-                    );
-                    control_noisy.push(*p99);
-                }
+            if control && let Ok(c) = measure_pair(&topo, &cg, &me, (5, 6), secs) {
+                eprintln!("[outside the mesh] round {round}/{rounds} with B: {c}");
+                control_noisy.push(c);
             }
-            let n = measure_victim(&topo, &cg, &me, secs);
+            let n = measure_pair(&topo, &cg, &me, (1, 2), secs);
             for b in &mut bulk {
                 let _ = b.kill();
                 let _ = b.wait();
@@ -205,14 +200,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         daemon.stop()?;
-        let p99 = |v: &[Victim]| median(v.iter().map(|x| x.p99_us).collect());
-        let rate = |v: &[Victim]| median(v.iter().map(|x| x.conn_per_s).collect());
-        let r = ModeResult {
-            p99_alone: p99(&alone),
-            p99_noisy: p99(&noisy),
-            rate_alone: rate(&alone),
-            rate_noisy: rate(&noisy),
-        };
+        let r = ModeResult::of(&alone, &noisy);
         println!(
             "{mode:>10}: victim p99 {:.0} µs alone → {:.0} µs with B (×{:.2}); conn rate {:.0}/s → {:.0}/s (×{:.2})",
             r.p99_alone,
@@ -232,14 +220,20 @@ fn main() -> anyhow::Result<()> {
         rate_alone: f64::NAN,
         rate_noisy: f64::NAN,
     });
-    let control = median(control_noisy) / median(control_alone);
-    println!("outside the mesh (the kernel alone, no proxy): p99 with B / alone ×{control:.2}");
+    let control = ModeResult::of(&control_alone, &control_noisy);
     println!(
-        "victim_p99_ratio={:.2} victim_conn_rate_ratio={:.2} off_p99_ratio={:.2} off_conn_rate_ratio={:.2} control_p99_ratio={control:.2}",
-        on.p99_noisy / on.p99_alone,
-        on.rate_noisy / on.rate_alone,
-        off.p99_noisy / off.p99_alone,
-        off.rate_noisy / off.rate_alone,
+        "outside the mesh (the kernel alone, no proxy): p99 with B / alone ×{:.2}, conn rate ×{:.2}",
+        control.p99_ratio(),
+        control.rate_ratio()
+    );
+    println!(
+        "victim_p99_ratio={:.2} victim_conn_rate_ratio={:.2} off_p99_ratio={:.2} off_conn_rate_ratio={:.2} control_p99_ratio={:.2} control_conn_rate_ratio={:.2}",
+        on.p99_ratio(),
+        on.rate_ratio(),
+        off.p99_ratio(),
+        off.rate_ratio(),
+        control.p99_ratio(),
+        control.rate_ratio(),
     );
     Ok(())
 }
@@ -251,14 +245,37 @@ struct ModeResult {
     rate_noisy: f64,
 }
 
+impl ModeResult {
+    /// Medians over the rounds alone and with B.
+    fn of(alone: &[Measured], noisy: &[Measured]) -> Self {
+        let p99 = |v: &[Measured]| median(v.iter().map(|x| x.p99_us).collect());
+        let rate = |v: &[Measured]| median(v.iter().map(|x| x.conn_per_s).collect());
+        Self {
+            p99_alone: p99(alone),
+            p99_noisy: p99(noisy),
+            rate_alone: rate(alone),
+            rate_noisy: rate(noisy),
+        }
+    }
+
+    fn p99_ratio(&self) -> f64 {
+        self.p99_noisy / self.p99_alone
+    }
+
+    fn rate_ratio(&self) -> f64 {
+        self.rate_noisy / self.rate_alone
+    }
+}
+
+/// One pair's figures in one round.
 #[derive(Debug, Clone, Copy)]
-struct Victim {
+struct Measured {
     p99_us: f64,
     p50_us: f64,
     conn_per_s: f64,
 }
 
-impl std::fmt::Display for Victim {
+impl std::fmt::Display for Measured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -268,21 +285,23 @@ impl std::fmt::Display for Victim {
     }
 }
 
-/// The victim's two measurements, one after the other, from pod 1's cgroup.
-fn measure_victim(
+/// A pair's two measurements, one after the other, from the `client` pod's cgroup to the
+/// `server` pod: the victim (1 → 2) or the control outside the mesh (5 → 6).
+fn measure_pair(
     topo: &Topology,
     cg: &PodCgroups,
     me: &Path,
+    (client, server): (usize, usize),
     secs: u64,
-) -> anyhow::Result<Victim> {
-    let (p50_us, p99_us) = ping_pong(topo, cg, 1, 2, secs)?;
+) -> anyhow::Result<Measured> {
+    let (p50_us, p99_us) = ping_pong(topo, cg, client, server, secs)?;
     let port =
         ECHO_PORT + NEXT_ECHO.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ECHO_PORTS;
-    let addr = SocketAddr::from((topo.pod_ip(2), port)).to_string();
+    let addr = SocketAddr::from((topo.pod_ip(server), port)).to_string();
     let out = cg
         .command(
-            "pod1",
-            topo.pod(1),
+            &format!("pod{client}"),
+            topo.pod(client),
             me,
             &["conn-rate", &addr, &secs.to_string()],
         )
@@ -297,7 +316,7 @@ fn measure_victim(
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-    Ok(Victim {
+    Ok(Measured {
         p99_us,
         p50_us,
         conn_per_s,
