@@ -323,6 +323,8 @@ fn a_tenant_over_its_limit_is_shed_alone() {
         .find(|t| t["tenant"] == "spiffe://cluster.local/ns/limits/sa/web")
         .unwrap();
     assert_eq!(web["weight"], 300);
+    // --cpu-control none: nothing is written to the kernel.
+    assert!(web["kernel_weight"].is_null(), "{web}");
     assert_eq!(web["limits"]["max_connections"], 2);
     assert_eq!(web["open_connections"], 2);
     assert_eq!(web["rejected"]["connections"], 1);

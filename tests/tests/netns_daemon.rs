@@ -202,6 +202,13 @@ fn captures_relays_and_cleans_up(capture: &str) {
         .iter()
         .find(|t| t["tenant"] == ALPHA)
         .unwrap();
+    // Nested under the daemon's own cgroup (no --cgroup-parent): the weight unscaled.
+    let kernel_weight = match alpha["cpu_share"].as_str() {
+        Some("cgroup-v1") => serde_json::json!(1024),
+        Some("cgroup-v2") => serde_json::json!(100),
+        _ => serde_json::Value::Null,
+    };
+    assert_eq!(alpha["kernel_weight"], kernel_weight, "{alpha}");
     let listeners = alpha["listeners"].as_array().unwrap();
     assert_eq!(
         listeners.len(),
