@@ -39,6 +39,8 @@ const POD_GROUPS: [&str; 7] = ["pod1", "pod2", "pod3", "pod4", "pod5", "pod6", "
 /// thousands of connections) never collide with new ones and slow the later rounds.
 const ECHO_PORT: u16 = 7000;
 const ECHO_PORTS: u16 = 64;
+/// Above this share of a round's CPU time taken by the hypervisor, the run says to run again.
+const STEAL_WARN: f64 = 0.05;
 static NEXT_ECHO: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 fn main() -> anyhow::Result<()> {
@@ -122,6 +124,8 @@ fn main() -> anyhow::Result<()> {
     eprintln!("tenant B: {neighbour}");
 
     let mut results = Vec::new();
+    // Every round of every pair, for the steal summary.
+    let mut all_rounds: Vec<Measured> = Vec::new();
     let (mut control_alone, mut control_noisy) = (Vec::new(), Vec::new());
     // MODES=per-tenant skips the shared runtime (quick experiments on isolation itself).
     let modes = std::env::var("MODES").unwrap_or_else(|_| "per-tenant,shared".into());
@@ -201,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         }
         daemon.stop()?;
         let r = ModeResult::of(&alone, &noisy);
+        all_rounds.extend(alone.iter().chain(&noisy).copied());
         println!(
             "{mode:>10}: victim p99 {:.0} µs alone → {:.0} µs with B (×{:.2}); conn rate {:.0}/s → {:.0}/s (×{:.2})",
             r.p99_alone,
@@ -220,6 +225,22 @@ fn main() -> anyhow::Result<()> {
         rate_alone: f64::NAN,
         rate_noisy: f64::NAN,
     });
+    all_rounds.extend(control_alone.iter().chain(&control_noisy).copied());
+    let steal = median(all_rounds.iter().map(|m| m.steal).collect());
+    let worst = all_rounds.iter().map(|m| m.steal).fold(0.0, f64::max);
+    println!(
+        "hypervisor steal: median {:.1} %, worst {:.1} % of a round's CPU time{}",
+        steal * 100.0,
+        worst * 100.0,
+        if worst > STEAL_WARN {
+            format!(
+                " — the host was busy: rounds above {:.0} % measured it, not us; run again",
+                STEAL_WARN * 100.0
+            )
+        } else {
+            String::new()
+        }
+    );
     let control = ModeResult::of(&control_alone, &control_noisy);
     println!(
         "outside the mesh (the kernel alone, no proxy): p99 with B / alone ×{:.2}, conn rate ×{:.2}",
@@ -273,14 +294,20 @@ struct Measured {
     p99_us: f64,
     p50_us: f64,
     conn_per_s: f64,
+    /// The share of CPU time the hypervisor took from this VM meanwhile (`steal` in
+    /// `/proc/stat`): above a few per cent, the round measured the host, not us.
+    steal: f64,
 }
 
 impl std::fmt::Display for Measured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "p50 {:.0} µs, p99 {:.0} µs, {:.0} conn/s",
-            self.p50_us, self.p99_us, self.conn_per_s
+            "p50 {:.0} µs, p99 {:.0} µs, {:.0} conn/s (steal {:.0} %)",
+            self.p50_us,
+            self.p99_us,
+            self.conn_per_s,
+            self.steal * 100.0
         )
     }
 }
@@ -294,6 +321,7 @@ fn measure_pair(
     (client, server): (usize, usize),
     secs: u64,
 ) -> anyhow::Result<Measured> {
+    let before = CpuTimes::now()?;
     let (p50_us, p99_us) = ping_pong(topo, cg, client, server, secs)?;
     let port =
         ECHO_PORT + NEXT_ECHO.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ECHO_PORTS;
@@ -320,7 +348,41 @@ fn measure_pair(
         p99_us,
         p50_us,
         conn_per_s,
+        steal: CpuTimes::now()?.steal_since(&before),
     })
+}
+
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat` (in ticks).
+struct CpuTimes {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        let steal = *fields.get(7).context("no steal field in /proc/stat")?;
+        // guest time is already counted in user time.
+        Ok(Self {
+            total: fields.iter().take(8).sum(),
+            steal,
+        })
+    }
+
+    /// The fraction of CPU time stolen since `earlier`.
+    fn steal_since(&self, earlier: &Self) -> f64 {
+        let total = self.total.saturating_sub(earlier.total).max(1);
+        self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
 }
 
 /// `sockperf pp` from pod `client` (in its cgroup) to the sockperf server in pod `server`:
