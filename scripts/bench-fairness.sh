@@ -9,8 +9,10 @@
 # mode. NEIGHBOUR=storm makes B a connection storm (STORM_CLIENTS, default 4, parallel clients
 # connecting as fast as they can) instead of iperf3. NODEPROXY_NO_TENANT_LISTENERS=1 (read by
 # the daemon) sends every connection through the shared accept thread, for comparison.
+# Each round prints the hypervisor's steal; a run whose rounds lose over 5 % says to run again.
 # scripts/trace-fairness-tail.sh shows where the victim's tail comes from.
 # Last line: victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… off_conn_rate_ratio=…
+# control_p99_ratio=… control_conn_rate_ratio=… (a pod pair outside the mesh: the kernel alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
