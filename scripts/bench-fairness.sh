@@ -10,6 +10,8 @@
 # connecting as fast as they can) instead of iperf3. NODEPROXY_NO_TENANT_LISTENERS=1 (read by
 # the daemon) sends every connection through the shared accept thread, for comparison.
 # Each round prints the hypervisor's steal; a run whose rounds lose over 5 % says to run again.
+# IDLE=poll keeps idle CPUs polling (/dev/cpu_dma_latency held at 0) so the alone baseline is
+# not inflated by idle vCPU wake-ups; the default, IDLE=halt, leaves the node's setting.
 # scripts/trace-fairness-tail.sh shows where the victim's tail comes from.
 # Last line: victim_p99_ratio=… victim_conn_rate_ratio=… off_p99_ratio=… off_conn_rate_ratio=…
 # control_p99_ratio=… control_conn_rate_ratio=… (a pod pair outside the mesh: the kernel alone).

@@ -66,6 +66,8 @@ fn main() -> anyhow::Result<()> {
     // Five rounds at least: one round's p99 beside B varies ×2 (121–422 µs in one run).
     let rounds: usize = env_or("ROUNDS", 5);
     nodeproxy::lab::topology::check_privileges()?;
+    // Held for the whole run: while open, idle CPUs poll instead of halting.
+    let _idle = IdleMode::from_env()?;
     let cg = PodCgroups::create()?;
     let topo = Topology::create(TopologySpec {
         prefix: unique_prefix("bf"),
@@ -247,6 +249,11 @@ fn main() -> anyhow::Result<()> {
         control.p99_ratio(),
         control.rate_ratio()
     );
+    if control.p99_ratio() < 1.0 && std::env::var("IDLE").as_deref() != Ok("poll") {
+        println!(
+            "outside the mesh, p99 alone was above p99 with B: the alone rounds include idle vCPU wake-ups; IDLE=poll measures the path alone"
+        );
+    }
     println!(
         "victim_p99_ratio={:.2} victim_conn_rate_ratio={:.2} off_p99_ratio={:.2} off_conn_rate_ratio={:.2} control_p99_ratio={:.2} control_conn_rate_ratio={:.2}",
         on.p99_ratio(),
@@ -648,6 +655,41 @@ fn remove_tree(dir: &Path) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// How idle CPUs wait for work during the run. In a VM whose idle vCPUs halt, a halted vCPU is
+/// woken through the hypervisor (tens of µs). A ping-pong alone lets its CPUs halt between
+/// messages; beside a bulk tenant they never idle. So with halting (`IDLE=halt`, the default:
+/// the node's own setting) the alone baseline includes idle wake-ups and p99 with B can come out *below* it. `IDLE=poll`
+/// holds `/dev/cpu_dma_latency` at 0 (the PM QoS request latency tuning profiles make) for the
+/// run, so idle CPUs poll and the alone baseline is the path itself.
+struct IdleMode {
+    /// The PM QoS request; closing it withdraws the request.
+    _request: Option<std::fs::File>,
+}
+
+impl IdleMode {
+    fn from_env() -> anyhow::Result<Self> {
+        let mode = std::env::var("IDLE").unwrap_or_else(|_| "halt".into());
+        match mode.as_str() {
+            "halt" => {
+                eprintln!("idle CPUs: the kernel's choice (IDLE=poll to keep them polling)");
+                Ok(Self { _request: None })
+            }
+            "poll" => {
+                let path = "/dev/cpu_dma_latency";
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .with_context(|| format!("{path}: cannot hold idle CPUs polling; run with IDLE=halt to measure without"))?;
+                f.write_all(&0i32.to_ne_bytes())
+                    .with_context(|| format!("{path}: writing 0"))?;
+                eprintln!("idle CPUs: polling, {path} held at 0 µs (IDLE=poll)");
+                Ok(Self { _request: Some(f) })
+            }
+            other => bail!("IDLE={other:?}: give halt (the kernel's choice, the default) or poll"),
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
