@@ -125,6 +125,7 @@ fn main() -> anyhow::Result<()> {
     let storm_clients: u16 = env_or("STORM_CLIENTS", 4);
     eprintln!("tenant B: {neighbour}");
 
+    let mut log = RoundLog::create()?;
     let mut results = Vec::new();
     // Every round of every pair, for the steal summary.
     let mut all_rounds: Vec<Measured> = Vec::new();
@@ -149,11 +150,11 @@ fn main() -> anyhow::Result<()> {
             let control = mode == "per-tenant";
             if control {
                 let c = measure_pair(&topo, &cg, &me, (5, 6), secs)?;
-                eprintln!("[outside the mesh] round {round}/{rounds} alone:  {c}");
+                log.round("outside the mesh", round, rounds, "alone", &c)?;
                 control_alone.push(c);
             }
             let a = measure_pair(&topo, &cg, &me, (1, 2), secs)?;
-            eprintln!("[{mode}] round {round}/{rounds} alone:  {a}");
+            log.round(mode, round, rounds, "alone", &a)?;
             alone.push(a);
             let b_secs = (3 * secs + 10).to_string();
             let mut bulk = if neighbour == "storm" {
@@ -175,7 +176,7 @@ fn main() -> anyhow::Result<()> {
             };
             std::thread::sleep(Duration::from_secs(1));
             if control && let Ok(c) = measure_pair(&topo, &cg, &me, (5, 6), secs) {
-                eprintln!("[outside the mesh] round {round}/{rounds} with B: {c}");
+                log.round("outside the mesh", round, rounds, "with B", &c)?;
                 control_noisy.push(c);
             }
             let n = measure_pair(&topo, &cg, &me, (1, 2), secs);
@@ -184,7 +185,7 @@ fn main() -> anyhow::Result<()> {
                 let _ = b.wait();
             }
             let n = n?;
-            eprintln!("[{mode}] round {round}/{rounds} with B: {n}");
+            log.round(mode, round, rounds, "with B", &n)?;
             noisy.push(n);
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -316,6 +317,47 @@ impl std::fmt::Display for Measured {
             self.conn_per_s,
             self.steal * 100.0
         )
+    }
+}
+
+/// Prints each round as it ends and, with `OUT_DIR` set, appends it to `OUT_DIR/rounds.csv`
+/// (one row per pair, round and phase; `scripts/plot-fairness.py` draws it).
+struct RoundLog {
+    csv: Option<std::fs::File>,
+}
+
+impl RoundLog {
+    fn create() -> anyhow::Result<Self> {
+        let Some(dir) = std::env::var_os("OUT_DIR") else {
+            return Ok(Self { csv: None });
+        };
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("OUT_DIR {}", dir.display()))?;
+        let path = dir.join("rounds.csv");
+        let mut csv = std::fs::File::create(&path)
+            .with_context(|| format!("OUT_DIR: cannot write {}", path.display()))?;
+        writeln!(csv, "pair,round,phase,p50_us,p99_us,conn_per_s,steal")?;
+        eprintln!("rounds: {}", path.display());
+        Ok(Self { csv: Some(csv) })
+    }
+
+    fn round(
+        &mut self,
+        pair: &str,
+        round: usize,
+        rounds: usize,
+        phase: &str,
+        m: &Measured,
+    ) -> anyhow::Result<()> {
+        eprintln!("[{pair}] round {round}/{rounds} {phase}: {m}");
+        if let Some(csv) = &mut self.csv {
+            writeln!(
+                csv,
+                "{pair},{round},{phase},{:.1},{:.1},{:.1},{:.4}",
+                m.p50_us, m.p99_us, m.conn_per_s, m.steal
+            )?;
+        }
+        Ok(())
     }
 }
 
