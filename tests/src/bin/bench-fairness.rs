@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = env_or("ROUNDS", 5);
     nodeproxy::lab::topology::check_privileges()?;
     // Held for the whole run: while open, idle CPUs poll instead of halting.
-    let _idle = IdleMode::from_env()?;
+    let idle = IdleMode::from_env()?;
     let cg = PodCgroups::create()?;
     let topo = Topology::create(TopologySpec {
         prefix: unique_prefix("bf"),
@@ -250,7 +250,7 @@ fn main() -> anyhow::Result<()> {
         control.p99_ratio(),
         control.rate_ratio()
     );
-    if control.p99_ratio() < 1.0 && std::env::var("IDLE").as_deref() != Ok("poll") {
+    if control.p99_ratio() < 1.0 && !idle.polling() {
         println!(
             "outside the mesh, p99 alone was above p99 with B: the alone rounds include idle vCPU wake-ups; IDLE=poll measures the path alone"
         );
@@ -702,21 +702,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// How idle CPUs wait for work during the run. In a VM whose idle vCPUs halt, a halted vCPU is
 /// woken through the hypervisor (tens of µs). A ping-pong alone lets its CPUs halt between
 /// messages; beside a bulk tenant they never idle. So with halting (`IDLE=halt`, the default:
-/// the node's own setting) the alone baseline includes idle wake-ups and p99 with B can come out *below* it. `IDLE=poll`
-/// holds `/dev/cpu_dma_latency` at 0 (the PM QoS request latency tuning profiles make) for the
-/// run, so idle CPUs poll and the alone baseline is the path itself.
+/// the node's own setting) the alone baseline includes idle wake-ups and p99 with B can come out
+/// *below* it. `IDLE=poll` holds `/dev/cpu_dma_latency` at 0 (the PM QoS request latency tuning
+/// profiles make) for the run, so idle CPUs poll and the alone baseline is the path itself.
 struct IdleMode {
     /// The PM QoS request; closing it withdraws the request.
-    _request: Option<std::fs::File>,
+    request: Option<std::fs::File>,
 }
 
 impl IdleMode {
+    fn polling(&self) -> bool {
+        self.request.is_some()
+    }
+
     fn from_env() -> anyhow::Result<Self> {
         let mode = std::env::var("IDLE").unwrap_or_else(|_| "halt".into());
         match mode.as_str() {
             "halt" => {
                 eprintln!("idle CPUs: the kernel's choice (IDLE=poll to keep them polling)");
-                Ok(Self { _request: None })
+                Ok(Self { request: None })
             }
             "poll" => {
                 let path = "/dev/cpu_dma_latency";
@@ -727,7 +731,7 @@ impl IdleMode {
                 f.write_all(&0i32.to_ne_bytes())
                     .with_context(|| format!("{path}: writing 0"))?;
                 eprintln!("idle CPUs: polling, {path} held at 0 µs (IDLE=poll)");
-                Ok(Self { _request: Some(f) })
+                Ok(Self { request: Some(f) })
             }
             other => bail!("IDLE={other:?}: give halt (the kernel's choice, the default) or poll"),
         }
