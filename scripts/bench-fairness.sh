@@ -10,7 +10,8 @@
 # connecting as fast as they can) instead of iperf3. NODEPROXY_NO_TENANT_LISTENERS=1 (read by
 # the daemon) sends every connection through the shared accept thread, for comparison.
 # Rounds and summary go to OUT_DIR (default under the cargo target dir), with fairness.png,
-# a plot of every round (its path goes to stderr: the last line of stdout stays the figures). Each round prints the hypervisor's steal; a run whose rounds lose over 5 % says to run again.
+# a plot of every round (its path goes to stderr: the last line of stdout stays the figures).
+# Each round prints the hypervisor's steal; a run whose rounds lose over 5 % says to run again.
 # IDLE=poll keeps idle CPUs polling (/dev/cpu_dma_latency held at 0) so the alone baseline is
 # not inflated by idle vCPU wake-ups; the default, IDLE=halt, leaves the node's setting.
 # scripts/trace-fairness-tail.sh shows where the victim's tail comes from.
