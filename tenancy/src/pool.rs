@@ -137,8 +137,9 @@ impl Worker {
             .name(name.clone())
             .spawn(move || {
                 let me = current_tid();
-                t_tid.store(me, Ordering::Release);
+                // Published once placed: whoever sees the tid sees the thread in its group.
                 on_start(me);
+                t_tid.store(me, Ordering::Release);
                 run_worker(runtime, rx, t_closed);
             })
             .map_err(start_err)?;
