@@ -623,6 +623,11 @@ impl<K: TenantKey> Pools<K> {
         if old != u64::from(config.weight) && pool.inner.own_workers {
             for w in read(&pool.inner.workers).iter() {
                 let tid = w.tid.load(Ordering::Acquire);
+                // Not started yet: it places itself (with the weight it was started with). Writing
+                // tid 0 to a v1 `tasks` file would move the calling thread instead.
+                if tid == 0 {
+                    continue;
+                }
                 if let Err(e) = self.cpu.place(&pool.inner.slug, tid, config.weight) {
                     tracing::warn!(tenant = %pool.inner.tenant, error = %e, "cannot change the CPU weight");
                 }
