@@ -110,4 +110,32 @@ mod tests {
         let long = Identity::new("cluster.local", &"n".repeat(100), &"s".repeat(100)).unwrap();
         assert!(encode(&long).unwrap_err().to_string().contains("too long"));
     }
+
+    /// Encodings computed with the hand-written base32 this module had before it used
+    /// `data-encoding` (and checked against Python's `base64.b32encode`): names already on
+    /// the wire must not change. The three cover one label, a split after 63 characters, and
+    /// 4 and 1 trailing bits.
+    const GOLDEN: [(&str, &str); 3] = [
+        (
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "onygsztgmu5c6l3dnr2xg5dfoixgy33dmfwc63ttf5zwq33qf5zwcl3xmvra.id.nodeproxy",
+        ),
+        (
+            "spiffe://cluster.local/ns/kube-system/sa/coredns",
+            "onygsztgmu5c6l3dnr2xg5dfoixgy33dmfwc63ttf5vxkytffvzxs43umvws643.bf5rw64tfmrxhg.id.nodeproxy",
+        ),
+        (
+            "spiffe://prod.example.com/ns/payments-eu-west-1/sa/ledger-writer.v2",
+            "onygsztgmu5c6l3qojxwiltfpbqw24dmmuxgg33nf5xhgl3qmf4w2zloorzs2zl.vfv3wk43ufuys643bf5wgkzdhmvzc253snf2gk4rooyza.id.nodeproxy",
+        ),
+    ];
+
+    #[test]
+    fn encodings_on_the_wire_do_not_change() {
+        for (id, name) in GOLDEN {
+            let id: Identity = id.parse().unwrap();
+            assert_eq!(encode(&id).unwrap(), name, "{id}");
+            assert_eq!(decode(name).unwrap(), id, "{name}");
+        }
+    }
 }
