@@ -220,7 +220,24 @@ pub fn spawn_with_file(
     auth: Arc<dyn Authenticator>,
     poll: std::time::Duration,
 ) -> tokio::task::JoinHandle<Result<()>> {
+    spawn_with_file_on(
+        listener,
+        input,
+        trust_domain,
+        auth,
+        crate::feed::Rereads::every(poll),
+    )
+}
+
+/// Like [`spawn_with_file`], re-reading the file when `rereads` says.
+pub fn spawn_with_file_on(
+    listener: TcpListener,
+    input: crate::feed::FileInput,
+    trust_domain: &str,
+    auth: Arc<dyn Authenticator>,
+    rereads: crate::feed::Rereads,
+) -> tokio::task::JoinHandle<Result<()>> {
     let (publisher, feed) = crate::feed::Publisher::new(trust_domain, crate::view::Mode::Strict);
-    tokio::spawn(crate::feed::watch_file(input, publisher, poll));
+    tokio::spawn(crate::feed::watch_file_on(input, publisher, rereads));
     tokio::spawn(serve(listener, feed, auth, std::future::pending()))
 }
