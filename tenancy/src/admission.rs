@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
 
+use crate::sync::lock;
+
 /// A tenant's limits. `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
@@ -164,11 +166,6 @@ impl Drop for Admission {
             .buffer_bytes
             .fetch_sub(self.buffer_bytes, Ordering::AcqRel);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded values are plain numbers, always consistent: a poisoned lock is harmless.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
