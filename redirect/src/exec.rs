@@ -187,11 +187,9 @@ impl Runner {
 
 /// Looks `name` up in `PATH`, then in the sbin directories.
 pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(SBIN_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
+    which::which(name)
+        .or_else(|_| which::which_in(name, std::env::join_paths(SBIN_DIRS).ok(), "/"))
+        .ok()
 }
 
 #[cfg(test)]
