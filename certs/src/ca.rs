@@ -408,4 +408,25 @@ mod tests {
         let err = Ca::load_or_generate("cluster.local", &cert, &key).unwrap_err();
         assert!(err.to_string().contains("only one of"), "{err}");
     }
+
+    #[test]
+    fn pem_is_64_column_base64_between_lf_lines() {
+        // Computed with the hand-written encoder this module had and Python's `base64`:
+        // empty, one full line, and two full lines plus a padded one.
+        let body = [
+            "",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4v\n",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4v\n\
+             MDEyMzQ1Njc4OTo7PD0+P0BBQkNERUZHSElKS0xNTk9QUVJTVFVWV1hZWltcXV5f\n\
+             YGFiYw==\n",
+        ];
+        for (len, body) in [0u8, 48, 100].into_iter().zip(body) {
+            let der: Vec<u8> = (0..len).collect();
+            let want = format!("-----BEGIN TEST-----\n{body}-----END TEST-----\n");
+            assert_eq!(&*pem_encode("TEST", &der), want.as_bytes(), "{len} bytes");
+        }
+        // The same text as rcgen writes for the root it generates.
+        let ca = Ca::generate("cluster.local").unwrap();
+        assert_eq!(cert_to_pem(ca.root()), ca.root_pem());
+    }
 }
