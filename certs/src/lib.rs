@@ -67,7 +67,7 @@ pub enum Error {
         /// The name.
         name: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: String,
     },
     /// An identity is too long for a server name.
     #[error(

@@ -12,24 +12,40 @@
 //!
 //! Must not touch: anything but strings.
 
+use std::sync::LazyLock;
+
+use data_encoding::{DecodeKind, Encoding, Specification};
+
 use crate::{Error, Identity, Result};
 
 /// The suffix of every identity server name.
 pub const SUFFIX: &str = ".id.nodeproxy";
 
-const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 const MAX_LABEL: usize = 63;
 const MAX_NAME: usize = 253;
 
+/// RFC 4648 base32 in lowercase, without padding, checking trailing bits: exactly one
+/// spelling decodes to a given byte string.
+static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.check_trailing_bits = true;
+    spec.encoding()
+        .expect("invariant: a constant 32-symbol ASCII alphabet is a valid specification")
+});
+
 /// The server name that names `identity`.
 pub fn encode(identity: &Identity) -> Result<String> {
-    let b32 = base32(identity.to_string().as_bytes());
-    let labels: Vec<&str> = b32
-        .as_bytes()
-        .chunks(MAX_LABEL)
-        .map(|c| std::str::from_utf8(c).unwrap_or_default())
-        .collect();
-    let name = format!("{}{SUFFIX}", labels.join("."));
+    let b32 = BASE32.encode(identity.to_string().as_bytes());
+    let labels = b32.len().div_ceil(MAX_LABEL);
+    let mut name = String::with_capacity(b32.len() + labels.saturating_sub(1) + SUFFIX.len());
+    for (i, c) in b32.chars().enumerate() {
+        if i > 0 && i % MAX_LABEL == 0 {
+            name.push('.');
+        }
+        name.push(c);
+    }
+    name.push_str(SUFFIX);
     if name.len() > MAX_NAME {
         return Err(Error::SniTooLong {
             identity: identity.to_string(),
@@ -39,51 +55,42 @@ pub fn encode(identity: &Identity) -> Result<String> {
     Ok(name)
 }
 
-/// The identity a server name produced by [`encode`] names.
+/// The identity a server name produced by [`encode`] names. Only the exact spelling
+/// [`encode`] produces is accepted: no uppercase, padding, other label splits or
+/// non-zero trailing bits, so each identity has one name.
 pub fn decode(name: &str) -> Result<Identity> {
-    let bad = |reason: &'static str| Error::InvalidSni {
+    let bad = |reason: String| Error::InvalidSni {
         name: name.to_owned(),
         reason,
     };
     let body = name
         .strip_suffix(SUFFIX)
-        .ok_or_else(|| bad("it does not end in .id.nodeproxy"))?;
+        .ok_or_else(|| bad("it does not end in .id.nodeproxy".into()))?;
     let b32: String = body.split('.').collect();
-    let bytes = unbase32(&b32).ok_or_else(|| bad("it is not base32"))?;
-    let text = String::from_utf8(bytes).map_err(|_| bad("it does not decode to text"))?;
-    text.parse()
-}
-
-fn base32(input: &[u8]) -> String {
-    let mut out = String::with_capacity(input.len().div_ceil(5) * 8);
-    let (mut buf, mut bits) = (0u32, 0u32);
-    for &b in input {
-        buf = (buf << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(ALPHABET[((buf >> bits) & 31) as usize]));
-        }
+    let bytes = BASE32.decode(b32.as_bytes()).map_err(|e| {
+        bad(match e.kind {
+            DecodeKind::Symbol => {
+                "its labels are not lowercase base32 (only a-z and 2-7, no padding)".into()
+            }
+            DecodeKind::Trailing => "its base32 has non-zero trailing bits".into(),
+            DecodeKind::Length | DecodeKind::Padding => {
+                "its base32 has a length no byte string encodes to".into()
+            }
+        })
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| bad("it does not decode to text".into()))?;
+    let identity: Identity = text
+        .parse()
+        .map_err(|e| bad(format!("it does not decode to an identity: {e}")))?;
+    // Whatever decoding let through (empty labels, labels cut elsewhere), the name must be
+    // the one spelling `encode` gives.
+    let canonical = encode(&identity)?;
+    if canonical != name {
+        return Err(bad(format!(
+            "it is not the canonical spelling of {identity}, which is {canonical}"
+        )));
     }
-    if bits > 0 {
-        out.push(char::from(ALPHABET[((buf << (5 - bits)) & 31) as usize]));
-    }
-    out
-}
-
-fn unbase32(input: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(input.len() * 5 / 8);
-    let (mut buf, mut bits) = (0u32, 0u32);
-    for c in input.bytes() {
-        let v = ALPHABET.iter().position(|&a| a == c)? as u32;
-        buf = (buf << 5) | v;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(((buf >> bits) & 0xff) as u8);
-        }
-    }
-    Some(out)
+    Ok(identity)
 }
 
 #[cfg(test)]
@@ -104,11 +111,119 @@ mod tests {
     }
 
     #[test]
-    fn rejects_foreign_names() {
-        assert!(decode("example.com").is_err());
-        assert!(decode("1!.id.nodeproxy").is_err());
+    fn refuses_identities_too_long_for_a_server_name() {
         let long = Identity::new("cluster.local", &"n".repeat(100), &"s".repeat(100)).unwrap();
-        assert!(encode(&long).unwrap_err().to_string().contains("too long"));
+        let err = encode(&long).unwrap_err().to_string();
+        assert!(
+            err.contains("too long") && err.contains(&long.to_string()),
+            "{err}"
+        );
+    }
+
+    /// `name` with its base32 body replaced by `f(body)`.
+    fn respell(name: &str, f: impl Fn(&str) -> String) -> String {
+        format!("{}{SUFFIX}", f(name.strip_suffix(SUFFIX).unwrap()))
+    }
+
+    /// `bytes` in base32 with the suffix, in one label whatever its length.
+    fn b32_of(bytes: &[u8]) -> String {
+        format!("{}{SUFFIX}", BASE32.encode(bytes))
+    }
+
+    /// `name`'s body re-cut into labels of `width` characters.
+    fn recut(name: &str, width: usize) -> String {
+        respell(name, |body| {
+            let flat: String = body.split('.').collect();
+            let labels: Vec<String> = flat
+                .as_bytes()
+                .chunks(width)
+                .map(|c| String::from_utf8(c.to_vec()).unwrap())
+                .collect();
+            labels.join(".")
+        })
+    }
+
+    /// `name` with the last base32 character replaced by `c`.
+    fn last_char(name: &str, c: char) -> String {
+        respell(name, |body| format!("{}{c}", &body[..body.len() - 1]))
+    }
+
+    #[test]
+    fn accepts_only_the_one_spelling_encode_produces() {
+        // GOLDEN[0] carries 4 trailing bits in its last character ('a' = 0b00000), GOLDEN[1]
+        // one ('g' = 0b00110).
+        let (one, two) = (GOLDEN[0].1, GOLDEN[1].1);
+        let cases: Vec<(String, &str)> = vec![
+            // Case variants.
+            (respell(one, str::to_uppercase), "not lowercase base32"),
+            (
+                respell(one, |b| b.replacen('o', "O", 1)),
+                "not lowercase base32",
+            ),
+            (
+                one.replace(SUFFIX, ".ID.NODEPROXY"),
+                "does not end in .id.nodeproxy",
+            ),
+            // Padding.
+            (respell(one, |b| format!("{b}====")), "not lowercase base32"),
+            // Labels cut elsewhere, or empty.
+            (recut(one, 30), "not the canonical spelling"),
+            (recut(two, 60), "not the canonical spelling"),
+            (recut(two, 77), "not the canonical spelling"),
+            (
+                respell(two, |b| b.replace('.', "..")),
+                "not the canonical spelling",
+            ),
+            (
+                respell(one, |b| format!(".{b}")),
+                "not the canonical spelling",
+            ),
+            // Non-zero trailing bits: the same bytes, another last character.
+            (last_char(one, 'b'), "non-zero trailing bits"),
+            (last_char(one, 'p'), "non-zero trailing bits"),
+            (last_char(two, 'h'), "non-zero trailing bits"),
+            // Wrong suffix.
+            ("example.com".into(), "does not end in .id.nodeproxy"),
+            (format!("{one}."), "does not end in .id.nodeproxy"),
+            (
+                one.replace(SUFFIX, ".id.example"),
+                "does not end in .id.nodeproxy",
+            ),
+            // Not base32.
+            ("1!.id.nodeproxy".into(), "not lowercase base32"),
+            (last_char(one, '0'), "not lowercase base32"),
+            (
+                "a.id.nodeproxy".into(),
+                "a length no byte string encodes to",
+            ),
+            // Base32, but not of a workload SPIFFE ID.
+            (SUFFIX.into(), "does not decode to an identity"),
+            (b32_of(&[0xff, 0xfe]), "does not decode to text"),
+            (
+                b32_of(b"https://example.com/"),
+                "does not decode to an identity",
+            ),
+            (
+                b32_of(b"spiffe://cluster.local/ns/A/sa/b"),
+                "does not decode to an identity",
+            ),
+        ];
+        for (name, reason) in cases {
+            let err = decode(&name).expect_err(&name);
+            assert!(matches!(err, Error::InvalidSni { .. }), "{name}: {err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("{name:?}")), "{name}: {msg}");
+            assert!(msg.contains(reason), "{name}: {msg}");
+        }
+    }
+
+    #[test]
+    fn errors_give_the_canonical_spelling_and_the_inner_cause() {
+        let (id, name) = GOLDEN[1];
+        let err = decode(&recut(name, 60)).unwrap_err().to_string();
+        assert!(err.contains(id) && err.contains(name), "{err}");
+        let err = decode(&b32_of(b"spiffe://cluster.local/ns/A/sa/b")).unwrap_err();
+        assert!(err.to_string().contains("\"A\""), "{err}");
     }
 
     /// Encodings computed with the hand-written base32 this module had before it used
