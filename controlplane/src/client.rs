@@ -4,17 +4,17 @@
 //! node's bearer token (re-read from its file on every connect, so rotated projected tokens
 //! work), applies the snapshot and deltas to a [`WireView`] and publishes each complete
 //! [`NodeView`] with its version. When the stream breaks it keeps the last published view,
-//! counts a disconnect and reconnects after a capped exponential backoff with jitter (reset
-//! once a snapshot arrives). It never returns while anyone holds the receiver.
+//! counts a disconnect and reconnects after a capped exponential backoff with jitter
+//! (backon's, restarted once a snapshot arrives). It never returns while anyone holds the
+//! receiver.
 //!
 //! Must not touch: the data path (the caller applies views), Kubernetes clients.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tokio::sync::watch;
 use tonic::transport::Endpoint;
 
@@ -51,12 +51,18 @@ pub enum Token {
     None,
 }
 
-/// Capped exponential backoff with jitter.
+/// Reconnect pacing: capped exponential backoff with jitter, so that nodes that lost the
+/// control plane together do not reconnect in lockstep.
+///
+/// The `n`th delay (0-based) lies in `[d/2, d)` for `d = initial·2^n` capped at `max`: backon's
+/// [`ExponentialBuilder`] is given half of each bound, and its jitter adds a random fraction
+/// of up to as much again. So `initial` is the longest first wait and `max` the longest wait.
+/// It never gives up; a stream that delivers a snapshot restarts it from `initial`.
 #[derive(Clone, Copy, Debug)]
 pub struct Backoff {
-    /// The first delay.
+    /// The longest first delay.
     pub initial: Duration,
-    /// The largest delay.
+    /// The longest delay.
     pub max: Duration,
 }
 
@@ -70,16 +76,46 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay before attempt `attempt` (0-based): `initial·2^attempt` capped at `max`,
-    /// then a random point in its upper half, so nodes do not reconnect in lockstep.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self
-            .initial
-            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-            .min(self.max);
-        let random = RandomState::new().hash_one(attempt);
-        let half = base / 2;
-        half + half.mul_f64((random % 1_000) as f64 / 1_000.0)
+    /// The backon builder of these delays.
+    fn builder(&self) -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_jitter()
+            .with_factor(2.0)
+            .with_min_delay(self.initial / 2)
+            .with_max_delay(self.max / 2)
+            .without_max_times()
+    }
+
+    /// The delays of one client, from the first.
+    fn delays(&self) -> Delays {
+        let builder = self.builder();
+        Delays {
+            builder,
+            current: builder.build(),
+            max: self.max,
+        }
+    }
+}
+
+/// The reconnect delays of one [`run`]: the next one, and a restart after a good stream.
+#[derive(Debug)]
+struct Delays {
+    builder: ExponentialBuilder,
+    current: <ExponentialBuilder as backon::BackoffBuilder>::Backoff,
+    max: Duration,
+}
+
+impl Delays {
+    /// The delay before the next reconnect.
+    fn next(&mut self) -> Duration {
+        // Without a limit on attempts backon's iterator does not end; were it to, the
+        // longest delay is the safe answer.
+        self.current.next().unwrap_or(self.max)
+    }
+
+    /// Starts again from the first delay (a stream delivered a snapshot).
+    fn reset(&mut self) {
+        self.current = self.builder.build();
     }
 }
 
@@ -158,10 +194,10 @@ pub async fn run(
     tx: watch::Sender<Option<Arc<VersionedView>>>,
 ) -> Result<()> {
     let endpoint = config.channel_endpoint()?;
-    let mut attempt = 0u32;
+    let mut delays = config.backoff.delays();
     loop {
         let result = tokio::select! {
-            r = watch_once(&config, &endpoint, &tx, &mut attempt) => r,
+            r = watch_once(&config, &endpoint, &tx, &mut delays) => r,
             () = tx.closed() => return Ok(()),
         };
         let err = match result {
@@ -169,8 +205,7 @@ pub async fn run(
             Err(e) => e,
         };
         metrics::counter!(DISCONNECTS_TOTAL).increment(1);
-        let delay = config.backoff.delay(attempt);
-        attempt = attempt.saturating_add(1);
+        let delay = delays.next();
         let have_view = tx.borrow().is_some();
         tracing::warn!(
             endpoint = %config.endpoint, error = %err, retry_in = ?delay,
@@ -188,7 +223,7 @@ async fn watch_once(
     config: &ClientConfig,
     endpoint: &Endpoint,
     tx: &watch::Sender<Option<Arc<VersionedView>>>,
-    attempt: &mut u32,
+    delays: &mut Delays,
 ) -> Result<(), WatchEnd> {
     let token = config.token()?;
     let channel = endpoint.connect().await?;
@@ -211,7 +246,7 @@ async fn watch_once(
         let version = update.version;
         let state = match (&mut wire, update.snapshot) {
             (_, true) => {
-                *attempt = 0;
+                delays.reset();
                 wire.insert(WireView::default())
             }
             (Some(state), false) => state,
@@ -244,20 +279,106 @@ async fn watch_once(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Reaches its cap at the sixth delay.
+    const BACKOFF: Backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(3200),
+    };
+
+    /// Where each delay of [`BACKOFF`] must lie, by attempt: backon 1.6's jitter
+    /// (`ExponentialBuilder::with_jitter`) adds `c·f` for a random `f` in `[0, 1)` to the
+    /// un-jittered delay `c`, so a delay lies in `[c, 2c)`, and `c` is `initial/2` doubled per
+    /// attempt up to `max/2`.
+    const BOUNDS: [(u64, u64); 8] = [
+        (50, 100),
+        (100, 200),
+        (200, 400),
+        (400, 800),
+        (800, 1600),
+        (1600, 3200),
+        (1600, 3200),
+        (1600, 3200),
+    ];
+
+    /// Whether `d` lies in `[low, high)` ms. backon computes in f32 seconds, so each bound
+    /// gets 10 parts per million of slack.
+    fn within(d: Duration, (low, high): (u64, u64)) -> bool {
+        let (low, high) = (MS * low as u32, MS * high as u32);
+        let slack = high / 100_000;
+        d + slack >= low && d < high + slack
+    }
+
     #[test]
-    fn backoff_grows_is_capped_and_jittered_within_the_upper_half() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
-        for attempt in 0..30 {
-            let d = b.delay(attempt);
-            let base = Duration::from_millis(100)
-                .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-                .min(Duration::from_secs(2));
-            assert!(d >= base / 2 && d <= base, "{attempt}: {d:?} vs {base:?}");
+    fn delays_double_from_initial_up_to_the_cap_within_backons_jitter_bounds() {
+        let mut top_at_cap = Duration::ZERO;
+        for run in 0..200 {
+            let mut delays = BACKOFF.delays();
+            let mut previous = Duration::ZERO;
+            for (attempt, bounds) in BOUNDS.iter().enumerate() {
+                let d = delays.next();
+                assert!(
+                    within(d, *bounds),
+                    "run {run}, attempt {attempt}: {d:?} not in {bounds:?} ms"
+                );
+                // Below the cap the ranges only touch, so a delay is never shorter than the
+                // one before; at the cap they are all drawn from one range.
+                if bounds.0 > BOUNDS[attempt.saturating_sub(1)].0 {
+                    assert!(
+                        d + d / 100_000 >= previous,
+                        "run {run}, attempt {attempt}: {d:?} < {previous:?}"
+                    );
+                }
+                previous = d;
+            }
+            // It never gives up and stays capped.
+            for attempt in BOUNDS.len()..100 {
+                let d = delays.next();
+                assert!(
+                    within(d, (1600, 3200)),
+                    "run {run}, attempt {attempt}: {d:?}"
+                );
+                top_at_cap = top_at_cap.max(d);
+            }
         }
+        // Capped waits spread up to the cap, not stuck at its un-jittered half.
+        assert!(
+            top_at_cap > MS * 3000,
+            "longest capped delay {top_at_cap:?}"
+        );
+    }
+
+    #[test]
+    fn first_delays_are_jittered_and_restart_after_a_good_stream() {
+        let mut delays = BACKOFF.delays();
+        let mut firsts = Vec::new();
+        for _ in 0..200 {
+            firsts.push(delays.next());
+            // Some failures, then a stream that delivered a snapshot.
+            for _ in 0..7 {
+                delays.next();
+            }
+            delays.reset();
+        }
+        for d in &firsts {
+            assert!(within(*d, BOUNDS[0]), "first delay {d:?} after a reset");
+        }
+        let distinct: BTreeSet<Duration> = firsts.iter().copied().collect();
+        assert!(
+            distinct.len() > 100,
+            "only {} distinct first delays of 200",
+            distinct.len()
+        );
+        // Both halves of [50, 100) ms are hit (each misses all 200 with probability 2^-200).
+        let lower = firsts.iter().filter(|d| **d < MS * 75).count();
+        assert!(
+            lower > 0 && lower < firsts.len(),
+            "{lower} of 200 below 75 ms"
+        );
     }
 }
