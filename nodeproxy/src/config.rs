@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// when no --config is given.
     #[arg(long, env = "NODEPROXY_NODE")]
     pub node: Option<String>,
+    /// With --config: re-read the file every this many seconds when it changed (0: never;
+    /// SIGHUP always re-reads it at once).
+    #[arg(long, env = "NODEPROXY_CONFIG_POLL_SECS", default_value_t = 1)]
+    pub config_poll_secs: u64,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "NODEPROXY_TRUST_DOMAIN", default_value = certs::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -298,6 +302,9 @@ pub struct Config {
     pub node: String,
     /// Where the world view comes from.
     pub view: ViewSource,
+    /// Standalone: how often the in-process control plane re-reads the view file, seconds
+    /// (0: only on SIGHUP).
+    pub config_poll_secs: u64,
     /// SPIFFE trust domain.
     pub trust_domain: String,
     /// Outbound capture listeners.
@@ -322,136 +329,26 @@ pub struct Config {
 pub struct ConfigErrors(pub Vec<String>);
 
 impl Config {
-    /// Resolves and validates `nodeproxy run` options.
+    /// Resolves and validates `nodeproxy run` options: one parse per sub-config, every problem
+    /// collected and reported together.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
-        let control_plane = args.control_plane.clone().map(|endpoint| {
-            if args.node.is_none() {
-                errors.push(format!("--node (NODEPROXY_NODE) is required with --control-plane {endpoint}: name the node whose view to watch"));
-            }
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                errors.push(format!("--control-plane {endpoint:?}: use http://host:port"));
-            }
-            ControlPlane {
-                endpoint,
-                token_file: args.control_plane_token_file.clone(),
-            }
-        });
-        let (view, node) = match (args.config, args.node) {
-            (Some(path), Some(node)) => (ViewSource::File(path), node),
-            (None, node) => (
-                ViewSource::Embedded,
-                node.unwrap_or_else(|| EMBEDDED_NODE.to_owned()),
-            ),
-            (Some(path), None) => {
-                errors.push(format!(
-                    "--node (NODEPROXY_NODE) is required with --config {}: name the node whose pods this daemon serves",
-                    path.display()
-                ));
-                (ViewSource::File(path), String::new())
-            }
-        };
-        if !node.is_empty() && !is_dns_name(&node) {
-            errors.push(format!(
-                "node name {node:?} is not a valid Kubernetes node name (lowercase letters, digits, '-' and '.')"
-            ));
-        }
+        let control_plane = control_plane(&args, &mut errors);
+        let (view, node) = view_and_node(&args, &mut errors);
         if let Err(e) = certs::Identity::new(&args.trust_domain, "x", "x") {
             errors.push(format!("--trust-domain: {e}"));
         }
-        if args.outbound_addr.is_empty() {
-            errors.push("--outbound-addr: at least one listener is needed".to_owned());
-        }
-        let outbound_ports: std::collections::BTreeSet<u16> =
-            args.outbound_addr.iter().map(|a| a.port()).collect();
-        if outbound_ports.len() > 1 {
-            errors.push(format!(
-                "--outbound-addr: all outbound listeners must share one port (the redirect target), got ports {outbound_ports:?}"
-            ));
-        }
-        let rules = if args.no_redirect {
-            None
-        } else {
-            if outbound_ports.contains(&0) {
-                errors.push(
-                    "--outbound-addr: port 0 cannot be a capture target; pick a port or pass --no-redirect"
-                        .to_owned(),
-                );
-            }
-            if !is_nft_name(&args.nft_table) {
-                errors.push(format!(
-                    "--nft-table {:?}: use letters, digits and '_' only",
-                    args.nft_table
-                ));
-            }
-            if args.capture == CaptureMode::Tproxy {
-                errors.extend(tproxy_errors(
-                    args.tproxy_mark,
-                    args.tproxy_table,
-                    &args.outbound_addr,
-                ));
-            }
-            Some(CaptureRules {
-                table: args.nft_table,
-                nft: args.nft,
-                tproxy_mark: args.tproxy_mark,
-                tproxy_table: args.tproxy_table,
-            })
-        };
-        let capture = Capture {
-            mode: args.capture,
-            rules,
-        };
-        let mut binds: Vec<SocketAddr> = args.outbound_addr.clone();
-        binds.extend([args.admin_addr, args.metrics_addr]);
-        for (i, a) in binds.iter().enumerate() {
-            if a.port() != 0 && binds[..i].contains(a) {
-                errors.push(format!(
-                    "address {a} is configured for two listeners; give each its own"
-                ));
-            }
-        }
-        if args.shared_threads == Some(0) {
-            errors.push("--shared-threads 0: the shared mode needs at least one thread".to_owned());
-        }
-        let isolation = IsolationConfig {
-            mode: args.isolation,
-            shared_threads: args.shared_threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-            }),
-            cpu_control: args.cpu_control,
-            cgroup_parent: args.cgroup_parent.clone(),
-            sched_slice_us: (args.sched_slice_us > 0).then_some(args.sched_slice_us),
-            tenant_listeners: !args.no_tenant_listeners,
-        };
-        let (min, max) = tenancy::cpu::SLICE_RANGE;
-        if args.sched_slice_us > 0
-            && !(min.as_micros()..=max.as_micros()).contains(&u128::from(args.sched_slice_us))
-        {
-            errors.push(format!(
-                "--sched-slice-us {}: the kernel takes slices of {}..={} µs; use 0 for its default",
-                args.sched_slice_us,
-                min.as_micros(),
-                max.as_micros()
-            ));
-        }
-        if args.cert_lifetime_secs < 2 {
-            errors.push(format!(
-                "--cert-lifetime-secs {}: certificates must live at least 2 seconds",
-                args.cert_lifetime_secs
-            ));
-        }
-        let tunnel = (!args.no_tunnel).then(|| TunnelConfig {
-            addr: args.tunnel_addr,
-            ca_files: args.ca_cert.zip(args.ca_key),
-            cert_lifetime_secs: args.cert_lifetime_secs,
-        });
+        let capture = capture(&args, &mut errors);
+        let isolation = isolation(&args, &mut errors);
+        let tunnel = tunnel(&args, &mut errors);
+        errors.extend(shared_listeners(&args, tunnel.as_ref()));
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Config {
             node,
             view,
+            config_poll_secs: args.config_poll_secs,
             trust_domain: args.trust_domain,
             outbound_addrs: args.outbound_addr,
             admin_addr: args.admin_addr,
@@ -467,6 +364,151 @@ impl Config {
     pub fn outbound_port(&self) -> u16 {
         self.outbound_addrs.first().map_or(0, |a| a.port())
     }
+}
+
+/// `--control-plane` and its token.
+fn control_plane(args: &RunArgs, errors: &mut Vec<String>) -> Option<ControlPlane> {
+    let endpoint = args.control_plane.clone()?;
+    if args.node.is_none() {
+        errors.push(format!("--node (NODEPROXY_NODE) is required with --control-plane {endpoint}: name the node whose view to watch"));
+    }
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        errors.push(format!(
+            "--control-plane {endpoint:?}: use http://host:port"
+        ));
+    }
+    Some(ControlPlane {
+        endpoint,
+        token_file: args.control_plane_token_file.clone(),
+    })
+}
+
+/// Where the view comes from, and the node it is cut for.
+fn view_and_node(args: &RunArgs, errors: &mut Vec<String>) -> (ViewSource, String) {
+    let (view, node) = match (&args.config, &args.node) {
+        (Some(path), Some(node)) => (ViewSource::File(path.clone()), node.clone()),
+        (None, node) => (
+            ViewSource::Embedded,
+            node.clone().unwrap_or_else(|| EMBEDDED_NODE.to_owned()),
+        ),
+        (Some(path), None) => {
+            errors.push(format!(
+                "--node (NODEPROXY_NODE) is required with --config {}: name the node whose pods this daemon serves",
+                path.display()
+            ));
+            (ViewSource::File(path.clone()), String::new())
+        }
+    };
+    if !node.is_empty() && !is_dns_name(&node) {
+        errors.push(format!(
+            "node name {node:?} is not a valid Kubernetes node name (lowercase letters, digits, '-' and '.')"
+        ));
+    }
+    (view, node)
+}
+
+/// The capture mode and, unless --no-redirect, the rules the daemon installs.
+fn capture(args: &RunArgs, errors: &mut Vec<String>) -> Capture {
+    if args.outbound_addr.is_empty() {
+        errors.push("--outbound-addr: at least one listener is needed".to_owned());
+    }
+    let outbound_ports: std::collections::BTreeSet<u16> =
+        args.outbound_addr.iter().map(|a| a.port()).collect();
+    if outbound_ports.len() > 1 {
+        errors.push(format!(
+            "--outbound-addr: all outbound listeners must share one port (the redirect target), got ports {outbound_ports:?}"
+        ));
+    }
+    let rules = (!args.no_redirect).then(|| {
+        if outbound_ports.contains(&0) {
+            errors.push(
+                "--outbound-addr: port 0 cannot be a capture target; pick a port or pass --no-redirect"
+                    .to_owned(),
+            );
+        }
+        if !is_nft_name(&args.nft_table) {
+            errors.push(format!(
+                "--nft-table {:?}: use letters, digits and '_' only",
+                args.nft_table
+            ));
+        }
+        if args.capture == CaptureMode::Tproxy {
+            errors.extend(tproxy_errors(
+                args.tproxy_mark,
+                args.tproxy_table,
+                &args.outbound_addr,
+            ));
+        }
+        CaptureRules {
+            table: args.nft_table.clone(),
+            nft: args.nft.clone(),
+            tproxy_mark: args.tproxy_mark,
+            tproxy_table: args.tproxy_table,
+        }
+    });
+    Capture {
+        mode: args.capture,
+        rules,
+    }
+}
+
+/// How tenants are kept apart.
+fn isolation(args: &RunArgs, errors: &mut Vec<String>) -> IsolationConfig {
+    if args.shared_threads == Some(0) {
+        errors.push("--shared-threads 0: the shared mode needs at least one thread".to_owned());
+    }
+    let (min, max) = tenancy::cpu::SLICE_RANGE;
+    if args.sched_slice_us > 0
+        && !(min.as_micros()..=max.as_micros()).contains(&u128::from(args.sched_slice_us))
+    {
+        errors.push(format!(
+            "--sched-slice-us {}: the kernel takes slices of {}..={} µs; use 0 for its default",
+            args.sched_slice_us,
+            min.as_micros(),
+            max.as_micros()
+        ));
+    }
+    IsolationConfig {
+        mode: args.isolation,
+        shared_threads: args.shared_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        }),
+        cpu_control: args.cpu_control,
+        cgroup_parent: args.cgroup_parent.clone(),
+        sched_slice_us: (args.sched_slice_us > 0).then_some(args.sched_slice_us),
+        tenant_listeners: !args.no_tenant_listeners,
+    }
+}
+
+/// The mesh tunnel, unless --no-tunnel.
+fn tunnel(args: &RunArgs, errors: &mut Vec<String>) -> Option<TunnelConfig> {
+    if args.cert_lifetime_secs < 2 {
+        errors.push(format!(
+            "--cert-lifetime-secs {}: certificates must live at least 2 seconds",
+            args.cert_lifetime_secs
+        ));
+    }
+    (!args.no_tunnel).then(|| TunnelConfig {
+        addr: args.tunnel_addr,
+        ca_files: args.ca_cert.clone().zip(args.ca_key.clone()),
+        cert_lifetime_secs: args.cert_lifetime_secs,
+    })
+}
+
+/// Every listener address configured twice (port 0 excepted: the kernel picks).
+fn shared_listeners(args: &RunArgs, tunnel: Option<&TunnelConfig>) -> Vec<String> {
+    let mut binds: Vec<SocketAddr> = args.outbound_addr.clone();
+    binds.extend([args.admin_addr, args.metrics_addr]);
+    binds.extend(tunnel.map(|t| t.addr));
+    let mut errors = Vec::new();
+    for (i, a) in binds.iter().enumerate() {
+        if a.port() != 0 && binds[..i].contains(a) {
+            errors.push(format!(
+                "address {a} is configured for two listeners; give each its own"
+            ));
+        }
+    }
+    errors
 }
 
 /// Problems only `--capture tproxy` with our own rules has.
@@ -632,5 +674,31 @@ mod tests {
     fn a_shared_listener_address_is_an_error() {
         let err = parse(&["--admin-addr", "0.0.0.0:15020"]).unwrap_err();
         assert!(err.to_string().contains("0.0.0.0:15020"), "{err}");
+        // The tunnel's listener counts too, unless the tunnel is off.
+        let err = parse(&["--tunnel-addr", "0.0.0.0:15020"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("0.0.0.0:15020 is configured for two listeners"),
+            "{err}"
+        );
+        parse(&["--tunnel-addr", "0.0.0.0:15020", "--no-tunnel"]).unwrap();
+    }
+
+    #[test]
+    fn the_view_file_is_polled_every_second_unless_told_otherwise() {
+        assert_eq!(parse(&[]).unwrap().config_poll_secs, 1);
+        let c = parse(&[
+            "--config",
+            "/x.yaml",
+            "--node",
+            "n1",
+            "--config-poll-secs",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.view, c.config_poll_secs),
+            (ViewSource::File("/x.yaml".into()), 0)
+        );
     }
 }

@@ -7,28 +7,27 @@
 //! last good view when the control plane is unreachable and reconnects with backoff
 //! ([`controlplane::client`]); the caller waits for the first snapshot
 //! ([`Discovery::first_view`]) before it reports ready, then applies each later view
-//! ([`Discovery::updates`] → `Running::apply_view`).
+//! ([`Discovery::updates`] → `Running::apply_view`). SIGHUP asks the source to re-read
+//! ([`Discovery::reread`]): the embedded server re-reads its file at once; a remote control
+//! plane pushes every change itself, so there is nothing to do.
 //!
 //! Must not touch: the data path, the kernel, Kubernetes clients (the embedded server has only
 //! the file source).
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use controlplane::auth::BootstrapTokens;
 use controlplane::client::{self, ClientConfig, Token, VersionedView};
-use controlplane::feed::FileInput;
+use controlplane::feed::{FileInput, Rereads};
 use controlplane::view::NodeView;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
+use crate::app::RuntimeThread;
 use crate::config::{Config, EMBEDDED_CONFIG, ViewSource};
-
-/// How often the embedded server polls the config file for changes.
-const FILE_POLL: Duration = Duration::from_secs(1);
 
 /// The daemon's view feed (client, and the embedded server in standalone mode).
 #[derive(Debug)]
@@ -36,8 +35,34 @@ pub struct Discovery {
     views: watch::Receiver<Option<Arc<VersionedView>>>,
     /// The embedded server's address, in standalone mode.
     pub server_addr: Option<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    source: Source,
+    /// Runs the client (and the embedded server); dropping it stops both.
+    _thread: RuntimeThread,
+}
+
+/// Where the view comes from, as far as a re-read goes.
+#[derive(Debug)]
+enum Source {
+    /// A remote control plane: it pushes every change; there is nothing to re-read.
+    ControlPlane(String),
+    /// The embedded server over a file, re-read at once when notified.
+    File {
+        path: PathBuf,
+        now: Arc<tokio::sync::Notify>,
+    },
+    /// The embedded server over the embedded view, which never changes.
+    Embedded,
+}
+
+/// What [`Discovery::reread`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reread {
+    /// The embedded control plane re-reads this file now; its view arrives through Discovery.
+    File(PathBuf),
+    /// Nothing: the view comes from this remote control plane, which pushes every change.
+    ControlPlane(String),
+    /// Nothing: the embedded view is compiled in.
+    Embedded,
 }
 
 impl Discovery {
@@ -45,73 +70,87 @@ impl Discovery {
     pub fn start(config: &Config) -> anyhow::Result<Self> {
         // The client's metrics start before the daemon's other rooms: install the recorder now.
         let _ = crate::metrics::handle();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot build the discovery runtime")?;
-        let (client_config, server) = match &config.control_plane {
+        let (client_config, server, source) = match &config.control_plane {
             Some(cp) => {
                 let token = cp.token_file.clone().map_or(Token::None, Token::File);
-                (ClientConfig::new(&cp.endpoint, &config.node, token), None)
+                let client = ClientConfig::new(&cp.endpoint, &config.node, token);
+                (client, None, Source::ControlPlane(cp.endpoint.clone()))
             }
             None => {
-                let input = match &config.view {
-                    ViewSource::File(path) => FileInput::Path(path.clone()),
-                    ViewSource::Embedded => FileInput::Text {
-                        name: "embedded examples/demo.yaml".to_owned(),
-                        text: EMBEDDED_CONFIG.to_owned(),
-                    },
+                let (input, source) = match &config.view {
+                    ViewSource::File(path) => {
+                        // Fail fast, with every problem of the file, rather than wait for a
+                        // first view the embedded server would never send.
+                        crate::app::load_view(config).context("cannot load the node view")?;
+                        let now = Arc::new(tokio::sync::Notify::new());
+                        (
+                            FileInput::Path(path.clone()),
+                            Source::File {
+                                path: path.clone(),
+                                now,
+                            },
+                        )
+                    }
+                    ViewSource::Embedded => (
+                        FileInput::Text {
+                            name: "embedded examples/demo.yaml".to_owned(),
+                            text: EMBEDDED_CONFIG.to_owned(),
+                        },
+                        Source::Embedded,
+                    ),
                 };
-                // Fail fast, with every problem of the file, rather than wait for a first view
-                // the embedded server would never send.
-                crate::app::load_view(config).context("cannot load the node view")?;
-                let listener = rt
-                    .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+                let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
                     .context("cannot listen for the embedded control plane on 127.0.0.1")?;
                 let addr = listener.local_addr()?;
-                let token = one_time_token();
+                let token = one_time_token()?;
                 let client = ClientConfig::new(
                     format!("http://{addr}"),
                     &config.node,
                     Token::Fixed(token.clone()),
                 );
                 let auth = Arc::new(BootstrapTokens::single(token, Some(config.node.clone())));
-                (client, Some((listener, input, auth, addr)))
+                let rereads = Rereads {
+                    every: (config.config_poll_secs > 0)
+                        .then(|| Duration::from_secs(config.config_poll_secs)),
+                    now: match &source {
+                        Source::File { now, .. } => now.clone(),
+                        _ => Arc::default(),
+                    },
+                };
+                (client, Some((listener, input, auth, rereads, addr)), source)
             }
         };
-        let server_addr = server.as_ref().map(|s| s.3);
+        let server_addr = server.as_ref().map(|s| s.4);
         let trust_domain = config.trust_domain.clone();
         let (tx, views) = watch::channel(None);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("np-discovery".to_owned())
-            .spawn(move || {
-                rt.block_on(async move {
-                    if let Some((listener, input, auth, _)) = server {
-                        let _server = controlplane::server::spawn_with_file(
+        let thread = RuntimeThread::start("np-discovery", None)?;
+        thread.handle.spawn(async move {
+            if let Some((listener, input, auth, rereads, _)) = server {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        let _server = controlplane::server::spawn_with_file_on(
                             listener,
                             input,
                             &trust_domain,
                             auth,
-                            FILE_POLL,
+                            rereads,
                         );
                     }
-                    tokio::select! {
-                        result = client::run(client_config, tx) => {
-                            if let Err(e) = result {
-                                tracing::error!(error = %e, "control plane client stopped");
-                            }
-                        }
-                        _ = stopped => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot serve the embedded control plane")
                     }
-                });
-            })
-            .context("cannot start the np-discovery thread")?;
+                }
+            }
+            if let Err(e) = client::run(client_config, tx).await {
+                tracing::error!(error = %e, "control plane client stopped");
+            }
+        });
         Ok(Self {
             views,
             server_addr,
-            stop: Some(stop),
-            thread: Some(thread),
+            source,
+            _thread: thread,
         })
     }
 
@@ -137,22 +176,52 @@ impl Discovery {
     pub fn updates(&self) -> watch::Receiver<Option<Arc<VersionedView>>> {
         self.views.clone()
     }
-}
 
-impl Drop for Discovery {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Asks the view's source to re-read it now (SIGHUP). The daemon never reads a view itself:
+    /// whatever changes arrives through [`Discovery::updates`] like any other view.
+    pub fn reread(&self) -> Reread {
+        match &self.source {
+            Source::File { path, now } => {
+                now.notify_one();
+                Reread::File(path.clone())
+            }
+            Source::ControlPlane(endpoint) => Reread::ControlPlane(endpoint.clone()),
+            Source::Embedded => Reread::Embedded,
         }
     }
 }
 
-/// A random token for the embedded server, which only this process knows.
-fn one_time_token() -> String {
-    (0..4)
-        .map(|i| format!("{:016x}", RandomState::new().hash_one(i)))
-        .collect()
+/// A random token for the embedded server, which only this process knows: 32 bytes from the
+/// kernel's CSPRNG, hex.
+fn one_time_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot draw a random token: {e}"))?;
+    Ok(data_encoding::HEXLOWER.encode(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn one_time_tokens_are_long_hex_and_never_repeat() {
+        let a = one_time_token().unwrap();
+        let b = one_time_token().unwrap();
+        assert_eq!(a.len(), 64, "{a}");
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+    }
+
+    /// Standalone without --config, the embedded server parses the embedded view once, and
+    /// nothing checks it at start: it must translate for its own node.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_embedded_view_translates_for_its_node() {
+        let args = crate::config::RunArgs::from_flags(Vec::<String>::new()).unwrap();
+        let config = Config::from_args(args).unwrap();
+        assert_eq!(config.view, ViewSource::Embedded);
+        let view = crate::app::load_view(&config).unwrap();
+        assert!(!view.local.is_empty(), "the demo view has local pods");
+    }
 }

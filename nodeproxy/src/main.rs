@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use nodeproxy::app::{self, StartOptions};
 use nodeproxy::config::{Config, RunArgs};
+use nodeproxy::discovery::{Discovery, Reread};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// A shared, per-node, multi-tenant proxy for Kubernetes.
@@ -59,7 +60,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     // Every mode reads its view through the control plane API (in-process when standalone);
     // not ready until the first full snapshot has arrived.
-    let mut discovery = nodeproxy::discovery::Discovery::start(&config)?;
+    let mut discovery = Discovery::start(&config)?;
     let view = discovery.first_view(std::time::Duration::from_secs(60))?;
     let mut views = discovery.updates();
     let mut views_open = true;
@@ -85,12 +86,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                         tracing::error!(error = format!("{e:#}"), version = update.version, "cannot apply the node view; keeping the last good one");
                     }
                 }
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the node view");
-                    if let Err(e) = running.reload() {
-                        tracing::error!(error = format!("{e:#}"), "reload failed; keeping the last good view");
-                    }
-                }
+                _ = hup.recv() => match discovery.reread() {
+                    Reread::File(path) => tracing::info!(path = %path.display(), "SIGHUP: re-reading the view file"),
+                    Reread::ControlPlane(endpoint) => tracing::info!(%endpoint, "SIGHUP: the node view comes from the control plane; nothing to reload"),
+                    Reread::Embedded => tracing::info!("SIGHUP: the embedded view never changes; nothing to reload"),
+                },
             }
         }
         anyhow::Ok(())
