@@ -486,14 +486,7 @@ pub fn is_root() -> bool {
 
 /// The first executable called `tool` on `PATH`.
 pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|candidate| {
-            candidate
-                .metadata()
-                .is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
-        })
+    which::which(tool).ok()
 }
 
 /// Checks what [`Topology::create`] and [`Netns::command`] need: root, `ip` and `nsenter`.
