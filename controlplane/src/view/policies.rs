@@ -104,7 +104,8 @@ fn check_policy(
         out.push(problem(
             "spec.port",
             format!(
-                "{:?} is not a port; set a number from 1 to 65535 or a container port name                  (e.g. admin-http)",
+                "{:?} is not a port; set a number from 1 to 65535 or a container port name \
+                 (e.g. admin-http)",
                 policy.spec.port
             ),
         ));
@@ -140,4 +141,57 @@ pub(super) fn for_workloads(policy: &Policy, workloads: &[&Labelled]) -> Option<
         targets,
         ..policy.clone()
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use pretty_assertions::assert_eq;
+
+    use crate::crd::{AllowedIdentity, AuthorizationPolicy, AuthorizationPolicySpec};
+    use crate::view::fixtures::{namespace, objects};
+    use crate::view::{Cluster, Mode};
+
+    #[test]
+    fn reports_a_bad_port_and_a_bad_allowed_identity_naming_the_fix() {
+        let mut objects = objects(vec![namespace("shop", true)], vec![]);
+        objects.authorization_policies.push(AuthorizationPolicy {
+            metadata: ObjectMeta {
+                name: Some("admin".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            spec: AuthorizationPolicySpec {
+                pod_selector: None,
+                port: IntOrString::Int(0),
+                allow: vec![AllowedIdentity {
+                    namespace: None,
+                    service_account: "Bad".into(),
+                }],
+                allow_probes: false,
+            },
+            status: None,
+        });
+        let cluster = Cluster::translate(&objects, "cluster.local", Mode::Strict);
+        let found: Vec<(String, String, String)> = cluster
+            .problems
+            .into_iter()
+            .map(|p| (p.object.unwrap(), p.field.unwrap(), p.message))
+            .collect();
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert_eq!(
+            found[0],
+            (
+                "AuthorizationPolicy shop/admin".to_owned(),
+                "spec.port".to_owned(),
+                "Int(0) is not a port; set a number from 1 to 65535 or a container port name \
+                 (e.g. admin-http)"
+                    .to_owned()
+            )
+        );
+        assert_eq!(found[1].1, "spec.allow[0]");
+        assert!(found[1].2.ends_with("; correct the name"), "{}", found[1].2);
+    }
 }

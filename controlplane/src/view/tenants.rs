@@ -69,7 +69,8 @@ pub(super) fn translate(
                 if let Some(other) = owners.get(&s.identity) {
                     problems.push(
                         Problem::new(format!(
-                            "tenant {} is already configured by {other}; merge the two policies                              into one",
+                            "tenant {} is already configured by {other}; merge the two policies \
+                             into one",
                             s.identity.short()
                         ))
                         .at(origin)
@@ -168,4 +169,62 @@ pub(super) fn of_workloads<'a>(
                 .unwrap_or_else(|| TenantSettings::defaults(id.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use pretty_assertions::assert_eq;
+
+    use super::*;
+    use crate::crd::TenantPolicySpec;
+    use crate::view::fixtures::{id, namespace, objects};
+    use crate::view::{Cluster, Mode};
+
+    fn policy(name: &str, weight: u32) -> TenantPolicy {
+        TenantPolicy {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            spec: TenantPolicySpec {
+                service_account: "web".into(),
+                weight: Some(weight),
+                limits: None,
+            },
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_second_policy_for_a_tenant_is_a_problem_and_the_first_one_stays() {
+        let mut objects = objects(vec![namespace("shop", true)], vec![]);
+        objects.tenant_policies = vec![policy("web", 300), policy("web-again", 5)];
+        let cluster = Cluster::translate(&objects, "cluster.local", Mode::Strict);
+        let found: Vec<(String, String, String)> = cluster
+            .problems
+            .iter()
+            .map(|p| {
+                (
+                    p.object.clone().unwrap(),
+                    p.field.clone().unwrap(),
+                    p.message.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [(
+                "TenantPolicy shop/web-again".to_owned(),
+                "spec.serviceAccount".to_owned(),
+                "tenant shop/web is already configured by TenantPolicy shop/web; merge the two \
+                 policies into one"
+                    .to_owned()
+            )]
+        );
+        let web = id("shop", "web");
+        assert_eq!(cluster.tenant_settings[&web].weight, 300);
+    }
 }
