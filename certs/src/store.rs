@@ -7,10 +7,12 @@
 //!
 //! The worker generates a fresh ECDSA P-256 key for every certificate, asks the signer, and
 //! publishes the result through `tokio::sync::watch`; it renews at half the remaining
-//! lifetime and on failure keeps the old certificate and backs off. The key never leaves:
-//! it is inside the rustls configs (as a signing key in aws-lc memory), there is no accessor
-//! returning its bytes, `Debug` is redacted and nothing here serializes. When the last handle
-//! is dropped the worker stops, and the keys go with the last config that uses them.
+//! lifetime and on failure keeps the old certificate and backs off exponentially with jitter
+//! (backon's), so stores whose renewals fail together do not retry in lockstep. The key
+//! never leaves: it is inside the rustls configs (as a signing key in aws-lc memory), there
+//! is no accessor returning its bytes, `Debug` is redacted and nothing here serializes. When
+//! the last handle is dropped the worker stops, and the keys go with the last config that
+//! uses them.
 //!
 //! Must not touch: sockets, other identities' stores (one store per identity, no registry).
 
@@ -20,6 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use rcgen::{CertificateParams, DistinguishedName, SanType};
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
@@ -61,12 +64,28 @@ impl Signer for crate::ca::Ca {
 }
 
 /// Rotation timing.
+///
+/// After the n-th failure in a row the store waits `min(initial_backoff × 2ⁿ⁻¹, max_backoff)`
+/// plus a random jitter of up to as much again, so every wait lies in
+/// `[initial_backoff, 2 × max_backoff)`. A success starts the sequence over.
 #[derive(Clone, Copy, Debug)]
 pub struct RotationOptions {
-    /// First retry delay after a failed renewal (doubles up to `max_backoff`).
+    /// First retry delay after a failed renewal, before jitter (doubles up to `max_backoff`).
     pub initial_backoff: Duration,
-    /// Longest retry delay.
+    /// Longest retry delay before jitter; with it a wait can reach twice this.
     pub max_backoff: Duration,
+}
+
+impl RotationOptions {
+    /// The waits after consecutive failed renewals: exponential, capped, jittered, endless.
+    fn retry_delays(self) -> impl Iterator<Item = Duration> + Send {
+        ExponentialBuilder::new()
+            .with_min_delay(self.initial_backoff)
+            .with_max_delay(self.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
 }
 
 impl Default for RotationOptions {
@@ -182,7 +201,7 @@ async fn worker(
     opts: RotationOptions,
     tx: watch::Sender<Option<Arc<Current>>>,
 ) {
-    let mut backoff = opts.initial_backoff;
+    let mut delays = opts.retry_delays();
     let mut serial = 0;
     loop {
         let wait = match issue(&identity, &*signer, serial + 1).await {
@@ -190,7 +209,7 @@ async fn worker(
                 serial += 1;
                 let not_after = current.not_after;
                 tx.send_replace(Some(Arc::new(current)));
-                backoff = opts.initial_backoff;
+                delays = opts.retry_delays();
                 // Renew halfway through the remaining validity.
                 let left = not_after
                     .duration_since(SystemTime::now())
@@ -199,10 +218,10 @@ async fn worker(
                 left / 2
             }
             Err(e) => {
-                // Keep the old certificate (if any) and retry later.
-                tracing::warn!(%identity, error = %e, retry_in = ?backoff, "cannot obtain a certificate; keeping the current one");
-                let wait = backoff;
-                backoff = (backoff * 2).min(opts.max_backoff);
+                // Keep the old certificate (if any) and retry later. The sequence is endless
+                // (no max times); the fallback is only for the type.
+                let wait = delays.next().unwrap_or(opts.max_backoff);
+                tracing::warn!(%identity, error = %e, retry_in = ?wait, "cannot obtain a certificate; keeping the current one");
                 wait
             }
         };
@@ -511,5 +530,89 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
+    }
+
+    /// backon documents its jitter as adding "a random jitter within `(0, current_delay)` to
+    /// the current delay", where the current delay is `min(min × 2ⁿ, max)`: so the n-th wait
+    /// lies in `[step, 2 × step]` (closed: the ends are a matter of float rounding).
+    fn within_jitter(wait: Duration, step: Duration) -> bool {
+        step <= wait && wait <= step * 2
+    }
+
+    #[test]
+    fn retry_delays_grow_are_capped_and_jittered() {
+        let opts = RotationOptions {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1600),
+        };
+        let waits: Vec<Duration> = opts.retry_delays().take(40).collect();
+        assert_eq!(waits.len(), 40, "the sequence must not end");
+        for (n, &wait) in waits.iter().enumerate() {
+            // 100, 200, 400, 800, then 1600 ms from the fifth failure on.
+            let step = (opts.initial_backoff * 2u32.pow(n.min(4) as u32)).min(opts.max_backoff);
+            assert!(
+                within_jitter(wait, step),
+                "wait {n} is {wait:?}, step {step:?}"
+            );
+            assert!(wait >= opts.initial_backoff && wait <= opts.max_backoff * 2);
+        }
+        // Growing: by the fifth failure in a row the wait is at least four times the first...
+        assert!(waits[4] >= waits[0] * 4, "{waits:?}");
+        // ...jittered even at the cap, so a failing fleet spreads out...
+        let capped = &waits[4..];
+        assert!(capped.iter().any(|w| w != &capped[0]), "{capped:?}");
+        // ...and two stores' sequences differ.
+        let other: Vec<Duration> = opts.retry_delays().take(40).collect();
+        assert_ne!(waits, other);
+    }
+
+    /// A signer that fails or succeeds as scripted (then fails), reporting when it is asked.
+    struct Scripted {
+        ca: crate::ca::Ca,
+        outcomes: std::sync::Mutex<std::collections::VecDeque<bool>>,
+        asked: tokio::sync::mpsc::UnboundedSender<tokio::time::Instant>,
+    }
+
+    impl Signer for Scripted {
+        fn sign<'a>(&'a self, id: &'a Identity, csr: Vec<u8>) -> BoxFuture<'a, Result<Signed>> {
+            Box::pin(async move {
+                let _ = self.asked.send(tokio::time::Instant::now());
+                let ok = self.outcomes.lock().unwrap().pop_front().unwrap_or(false);
+                if !ok {
+                    return Err(Error::Ca("scripted failure".into()));
+                }
+                self.ca.sign(id, &csr)
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_worker_backs_off_and_starts_over_after_a_success() {
+        let (asked, mut calls) = tokio::sync::mpsc::unbounded_channel();
+        let signer = Arc::new(Scripted {
+            ca: crate::ca::Ca::generate("cluster.local").unwrap(),
+            outcomes: std::sync::Mutex::new([false, false, false, true].into()),
+            asked,
+        });
+        let opts = RotationOptions {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1000),
+        };
+        let store = CertStore::spawn(identity("shop", "web"), signer, opts);
+        // Paused time: each gap between two requests is exactly the worker's sleep.
+        let mut at = Vec::new();
+        for _ in 0..6 {
+            at.push(calls.recv().await.unwrap());
+        }
+        let gap = |i: usize| at[i + 1] - at[i];
+        let s = Duration::from_secs;
+        assert!(within_jitter(gap(0), s(1)), "{:?}", gap(0));
+        assert!(within_jitter(gap(1), s(2)), "{:?}", gap(1));
+        assert!(within_jitter(gap(2), s(4)), "{:?}", gap(2));
+        // The fourth request succeeded: the next is the renewal at half life (a day's
+        // certificate), and the failure after it waits the first step again.
+        assert_eq!(store.current().unwrap().generation(), 1);
+        assert!(gap(3) >= s(11 * 3600), "{:?}", gap(3));
+        assert!(within_jitter(gap(4), s(1)), "{:?}", gap(4));
     }
 }
