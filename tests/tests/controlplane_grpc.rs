@@ -1,6 +1,8 @@
 //! The control plane over real sockets: the file-source server and the node client on
-//! loopback. A snapshot first, a delta after the file changes, the last view kept while the
-//! server is gone, and Watch refused without a token or for another node.
+//! loopback. A snapshot first, a delta after the file changes, a bad file that changes
+//! nothing, the last view kept while the server is gone, and Watch refused without a token or
+//! for another node. Absences are asserted only after a positive signal (a counted failure, a
+//! later update) shows the event that must not have caused anything has happened.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -11,25 +13,62 @@ use controlplane::api::discovery_client::DiscoveryClient;
 use controlplane::api::identity_client::IdentityClient;
 use controlplane::api::{CertifyRequest, NodeRequest};
 use controlplane::auth::BootstrapTokens;
-use controlplane::client::{self, Backoff, ClientConfig, Token, VersionedView};
-use controlplane::feed::FileInput;
+use controlplane::client::{self, Backoff, ClientConfig, DISCONNECTS_TOTAL, Token, VersionedView};
+use controlplane::feed::{FileInput, SOURCE_ERRORS_TOTAL};
+use nodeproxy::admin_client;
 use tokio::sync::watch;
 
 const EXAMPLE: &str = include_str!("../../examples/authorization-policy.yaml");
 const TOKEN_A: &str = "node-a-token-0123456789";
 
-async fn start_server(path: &Path) -> (String, tokio::task::JoinHandle<controlplane::Result<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let auth = Arc::new(BootstrapTokens::single(TOKEN_A, Some("node-a".into())));
-    let server = controlplane::server::spawn_with_file(
-        listener,
-        FileInput::Path(path.to_owned()),
-        "cluster.local",
-        auth,
-        Duration::from_millis(50),
-    );
-    (format!("http://{addr}"), server)
+/// A file-source control plane on loopback, on a runtime of its own: stopping it drops every
+/// task of the server (its listener, open connections and streams, the file watcher) at
+/// once, as a crash would. Aborting only the server's task on the test's runtime would leave
+/// open streams serving.
+struct Server {
+    endpoint: String,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Server {
+    fn start(path: &Path) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let entered = runtime.enter();
+        let auth = Arc::new(BootstrapTokens::single(TOKEN_A, Some("node-a".into())));
+        controlplane::server::spawn_with_file(
+            tokio::net::TcpListener::from_std(listener).unwrap(),
+            FileInput::Path(path.to_owned()),
+            "cluster.local",
+            auth,
+            Duration::from_millis(50),
+        );
+        drop(entered);
+        Self {
+            endpoint,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops the server and everything it runs.
+    fn stop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Not a plain drop: that would block, which an async test may not.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Waits (with a deadline) until the published view satisfies `f`.
@@ -51,6 +90,27 @@ async fn wait_for(
     }
 }
 
+/// The sum of every sample of the counter `name` in this process (the daemon's recorder,
+/// installed on first use, records the control plane's metrics too).
+fn counter(name: &str) -> f64 {
+    let text = nodeproxy::metrics::handle().render();
+    let scrape = admin_client::parse_metrics(&text).unwrap();
+    admin_client::metric_sum(&scrape, name, &[])
+}
+
+/// Polls (with a deadline) until the counter `name` reaches `at_least`.
+async fn wait_for_counter(name: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(name) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {name} to reach {at_least} (at {})",
+            counter(name)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn names(v: &VersionedView) -> Vec<String> {
     v.view.local.iter().map(|w| w.name.clone()).collect()
 }
@@ -69,7 +129,8 @@ async fn snapshot_then_delta_after_a_file_change_and_the_last_view_survives_an_o
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("view.yaml");
     std::fs::write(&path, EXAMPLE).unwrap();
-    let (endpoint, server) = start_server(&path).await;
+    let mut server = Server::start(&path);
+    let endpoint = server.endpoint.clone();
 
     // The node client.
     let (tx, mut rx) = watch::channel(None);
@@ -113,20 +174,47 @@ async fn snapshot_then_delta_after_a_file_change_and_the_last_view_survives_an_o
     let second = wait_for(&mut rx, "the delta", |v| v.version > first.version).await;
     assert_eq!(names(&second), ["metrics-api-1", "web-0"]);
 
-    // A bad file keeps the last good view: no update.
+    // A bad file keeps the last good view. Once the source has counted the failed load, a
+    // good file with an unrelated change must be the very next publication, and the stream's
+    // next update: nothing was published for the bad file.
+    let errors = counter(SOURCE_ERRORS_TOTAL);
     std::fs::write(&path, "kind: [broken").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rx.borrow().as_ref().unwrap().version, second.version);
+    wait_for_counter(SOURCE_ERRORS_TOTAL, errors + 1.0).await;
+    std::fs::write(
+        &path,
+        EXAMPLE.replace("name: metrics-api-0", "name: metrics-api-2"),
+    )
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.version, delta.version + 1, "{next:?}");
+    assert_eq!(next.removed_workloads, ["shop/metrics-api-1"], "{next:?}");
+    let third = wait_for(&mut rx, "the change after the bad file", |v| {
+        v.version > second.version
+    })
+    .await;
+    assert_eq!(third.version, next.version);
+    assert_eq!(names(&third), ["metrics-api-2", "web-0"]);
 
-    // The server goes away: the node keeps its view.
-    server.abort();
-    let _ = server.await;
-    drop(stream);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        names(rx.borrow().as_ref().unwrap()),
-        ["metrics-api-1", "web-0"]
+    // The server goes away: the node keeps its view. The client counts the broken stream and
+    // then a failed reconnect (it tried with no server there); only then is the view checked.
+    let disconnects = counter(DISCONNECTS_TOTAL);
+    server.stop();
+    let end = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .unwrap();
+    assert!(!matches!(end, Ok(Some(_))), "the server is gone: {end:?}");
+    wait_for_counter(DISCONNECTS_TOTAL, disconnects + 2.0).await;
+    assert!(
+        !rx.has_changed().unwrap(),
+        "the client published a view while the server was gone"
     );
+    let kept = rx.borrow().clone().unwrap();
+    assert_eq!(kept.version, third.version);
+    assert_eq!(names(&kept), ["metrics-api-2", "web-0"]);
     client_task.abort();
 }
 
@@ -135,7 +223,8 @@ async fn watch_is_refused_without_a_token_or_for_another_node_and_certify_is_uni
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("view.yaml");
     std::fs::write(&path, EXAMPLE).unwrap();
-    let (endpoint, _server) = start_server(&path).await;
+    let server = Server::start(&path);
+    let endpoint = server.endpoint.clone();
     let mut raw = DiscoveryClient::connect(endpoint.clone()).await.unwrap();
 
     let err = raw.watch(request("node-a", None)).await.unwrap_err();
@@ -181,7 +270,8 @@ async fn health_and_reflection_answer_like_for_grpcurl() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("view.yaml");
     std::fs::write(&path, EXAMPLE).unwrap();
-    let (endpoint, _server) = start_server(&path).await;
+    let server = Server::start(&path);
+    let endpoint = server.endpoint.clone();
 
     let channel = tonic::transport::Endpoint::from_shared(endpoint)
         .unwrap()
