@@ -15,8 +15,10 @@
 use std::fmt;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use data_encoding::Encoding;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
@@ -110,7 +112,7 @@ impl Ca {
         drop(pkcs8);
         let issuer =
             Issuer::from_ca_cert_der(&root, key).map_err(rcgen_err("read the CA certificate"))?;
-        let root_pem = String::from_utf8_lossy(&pem_encode("CERTIFICATE", &root)).into_owned();
+        let root_pem = pem_encode("CERTIFICATE", &root);
         Ok(Ca {
             trust_domain: trust_domain.to_owned(),
             issuer,
@@ -138,7 +140,7 @@ impl Ca {
             (false, false) => {
                 let (ca, pkcs8) = Self::generate_inner(trust_domain)?;
                 let key_pem = zeroize::Zeroizing::new(pem_encode("PRIVATE KEY", &pkcs8));
-                write_file(key_path, &key_pem, 0o600).map_err(io(key_path, "write"))?;
+                write_file(key_path, key_pem.as_bytes(), 0o600).map_err(io(key_path, "write"))?;
                 write_file(cert_path, ca.root_pem.as_bytes(), 0o644)
                     .map_err(io(cert_path, "write"))?;
                 Ok(ca)
@@ -264,12 +266,12 @@ pub fn csr_from_pem(pem: &str) -> Result<Vec<u8>> {
 
 /// A DER `CERTIFICATE REQUEST` as PEM.
 pub fn csr_to_pem(der: &[u8]) -> String {
-    String::from_utf8_lossy(&pem_encode("CERTIFICATE REQUEST", der)).into_owned()
+    pem_encode("CERTIFICATE REQUEST", der)
 }
 
 /// A certificate as PEM.
 pub fn cert_to_pem(cert: &CertificateDer<'_>) -> String {
-    String::from_utf8_lossy(&pem_encode("CERTIFICATE", cert)).into_owned()
+    pem_encode("CERTIFICATE", cert)
 }
 
 /// A PEM `CERTIFICATE` as DER.
@@ -278,6 +280,8 @@ pub fn cert_from_pem(pem: &str) -> Result<CertificateDer<'static>> {
         .map_err(|e| Error::BadSigned(format!("a certificate is not PEM ({e})")))
 }
 
+/// Kept rather than rcgen's default serial, which is a hash of the public key: a CA's serials
+/// should be unpredictable (CA/Browser Forum: at least 64 bits from a CSPRNG).
 fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
     aws_lc_rs::rand::fill(&mut bytes)
@@ -291,30 +295,30 @@ fn rcgen_err(what: &'static str) -> impl Fn(rcgen::Error) -> Error {
     move |e| Error::Ca(format!("cannot {what}: {e}"))
 }
 
-/// PEM-encodes `der` with `label` (64-column base64).
-pub(crate) fn pem_encode(label: &str, der: &[u8]) -> Vec<u8> {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk.len();
-        let v = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            b64.push(if i <= n {
-                B64[((v >> (18 - 6 * i)) & 63) as usize]
-            } else {
-                b'='
-            });
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n").into_bytes();
-    for line in b64.chunks(64) {
-        out.extend_from_slice(line);
-        out.push(b'\n');
-    }
-    out.extend_from_slice(format!("-----END {label}-----\n").as_bytes());
-    zeroize::Zeroize::zeroize(&mut b64);
+/// Base64 (RFC 4648, padded) in lines of 64 columns, each ending in `\n`: a PEM body as
+/// rcgen writes it.
+static PEM_BASE64: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = data_encoding::BASE64.specification();
+    spec.wrap.width = 64;
+    spec.wrap.separator.push('\n');
+    spec.encoding()
+        .expect("invariant: base64 wrapped at 64 columns with \\n is a valid specification")
+});
+
+/// PEM-encodes `der` with `label`. The text is written into one allocation of its final size,
+/// so the PEM of a key leaves no stale partial copy behind for the caller's `Zeroizing` to miss.
+pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
+    let (begin, end) = (
+        format!("-----BEGIN {label}-----\n"),
+        format!("-----END {label}-----\n"),
+    );
+    let len = begin.len() + PEM_BASE64.encode_len(der.len()) + end.len();
+    let mut out = String::with_capacity(len);
+    let capacity = out.capacity();
+    out.push_str(&begin);
+    PEM_BASE64.encode_append(der, &mut out);
+    out.push_str(&end);
+    debug_assert_eq!(out.capacity(), capacity, "the PEM text was reallocated");
     out
 }
 
@@ -423,7 +427,7 @@ mod tests {
         for (len, body) in [0u8, 48, 100].into_iter().zip(body) {
             let der: Vec<u8> = (0..len).collect();
             let want = format!("-----BEGIN TEST-----\n{body}-----END TEST-----\n");
-            assert_eq!(&*pem_encode("TEST", &der), want.as_bytes(), "{len} bytes");
+            assert_eq!(pem_encode("TEST", &der), want, "{len} bytes");
         }
         // The same text as rcgen writes for the root it generates.
         let ca = Ca::generate("cluster.local").unwrap();
