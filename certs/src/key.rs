@@ -21,6 +21,9 @@ use crate::{Error, Result};
 
 /// An ECDSA P-256 private key with its public half. Signs CSRs and certificates (through
 /// rcgen) and produces rustls signing keys; never exposes its bytes.
+///
+/// Kept rather than `rcgen::KeyPair`, which holds the PKCS#8 bytes in a plain `Vec` for its
+/// whole life and hands them out (`serialize_der`).
 pub(crate) struct EcKey {
     pair: EcdsaKeyPair,
     rustls: Arc<dyn rustls::sign::SigningKey>,

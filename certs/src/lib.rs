@@ -219,6 +219,7 @@ impl<'de> Deserialize<'de> for Identity {
 
 /// Checks a Kubernetes DNS-1123 label (namespaces and service accounts are at most subdomains,
 /// but a `/` or an empty part would break the SPIFFE path, which is what matters here).
+/// Kept rather than rustls-pki-types' `DnsName`, which accepts uppercase and `_`.
 fn check_name(what: &'static str, value: &str) -> Result<()> {
     let bad = |reason| Error::InvalidName {
         what,

@@ -307,6 +307,8 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
+/// Kept rather than `time`'s `SystemTime::from`: a notAfter before 1970 is the signer's error,
+/// reported as one, not a certificate to renew at once.
 fn not_after_of(cert: &CertificateDer<'_>) -> Result<SystemTime> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| Error::BadSigned(format!("the certificate cannot be parsed ({e})")))?;
