@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod lab;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod relay;
 pub mod splice;
 pub mod state;

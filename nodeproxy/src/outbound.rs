@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 
 use crate::config::CaptureMode;
 use crate::metrics;
+use crate::outcome::Outcome;
 use crate::relay;
 use crate::state::{LocalPod, Snapshot};
 
@@ -76,7 +77,8 @@ fn is_v4_mapped(addr: &SocketAddr) -> bool {
     matches!(addr, SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some())
 }
 
-/// Why a connection was refused before reaching any tenant. A closed set: it labels metrics.
+/// Why a connection was refused before reaching any tenant: the refusals [`decide`] can
+/// return, each one [`Outcome`] (which labels the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The source IP is not a local meshed pod.
@@ -91,15 +93,14 @@ pub enum Refusal {
     NoTunnelPeer,
 }
 
-impl Refusal {
-    /// The metric label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::UnknownSource => "unknown_source",
-            Refusal::NotRedirected => "not_redirected",
-            Refusal::Loop => "loop",
-            Refusal::PoolClosed => "pool_closed",
-            Refusal::NoTunnelPeer => "no_tunnel_peer",
+impl From<Refusal> for Outcome {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::UnknownSource => Outcome::UnknownSource,
+            Refusal::NotRedirected => Outcome::NotRedirected,
+            Refusal::Loop => Outcome::Loop,
+            Refusal::PoolClosed => Outcome::PoolClosed,
+            Refusal::NoTunnelPeer => Outcome::NoTunnelPeer,
         }
     }
 }
@@ -241,10 +242,14 @@ fn refuse(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     orig: Option<SocketAddr>,
-    reason: Refusal,
+    reason: impl Into<Outcome>,
 ) {
-    metrics::refused(reason.as_str());
-    tracing::debug!(%peer, orig_dst = ?orig, reason = reason.as_str(), "connection refused");
+    let outcome = reason.into();
+    metrics::refused(outcome);
+    tracing::debug!(
+        %peer, orig_dst = ?orig, outcome = outcome.as_str(), blame = outcome.blame().as_str(),
+        "connection refused"
+    );
     // Reset rather than close: the client learns at once that nothing is there for it.
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
@@ -304,8 +309,9 @@ fn hand_off_job<F, Fut>(
     let admission = match pool.admit(relay::BUFFER_BYTES) {
         Ok(a) => a,
         Err(rejection) => {
-            metrics::tenant_rejected(&pod.tenant, rejection.as_str());
-            tracing::debug!(tenant = %pod.tenant, %peer, reason = rejection.as_str(), "connection shed");
+            metrics::tenant_rejected(&pod.tenant, rejection);
+            let outcome = Outcome::from(rejection);
+            tracing::debug!(tenant = %pod.tenant, %peer, outcome = outcome.as_str(), "connection shed");
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
@@ -315,6 +321,7 @@ fn hand_off_job<F, Fut>(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot detach accepted socket");
+            metrics::refused(Outcome::Internal);
             return;
         }
     };
@@ -328,7 +335,7 @@ fn hand_off_job<F, Fut>(
     });
     if let Err(e) = spawned {
         tracing::debug!(%tenant, error = %e, "pool closed while handing off");
-        metrics::refused(Refusal::PoolClosed.as_str());
+        metrics::refused(Outcome::PoolClosed);
     }
 }
 

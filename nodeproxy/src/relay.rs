@@ -2,18 +2,19 @@
 //!
 //! Owns [`outbound`], the job a tenant's pool runs for each captured connection: register the
 //! socket with the pool's runtime, connect upstream, copy both ways with per-tenant byte
-//! counters, and count the close. Everything here runs on the tenant's own pool thread.
+//! counters, and record how it ended (an [`Outcome`], blaming the side whose socket failed).
+//! Everything here runs on the tenant's own pool thread.
 //!
 //! Must not touch: classification (already decided), the snapshot, other tenants' pools.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::metrics::{ConnMetrics, Direction};
+use crate::metrics::ConnMetrics;
+use crate::outcome::{self, Direction, IoFault, Outcome, Side};
 use crate::splice;
 use crate::state::LocalPod;
 
@@ -26,31 +27,6 @@ const BUF_SIZE: usize = 64 * 1024;
 /// Buffer bytes one relayed connection holds, charged to its tenant at admission.
 pub const BUFFER_BYTES: u64 = 2 * BUF_SIZE as u64;
 
-/// Who ended a connection, for the `error` label of the close metric (a closed set).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Both sides closed cleanly.
-    Clean,
-    /// The upstream could not be reached (blame: upstream; a retry may succeed).
-    UpstreamConnect,
-    /// An I/O error mid-stream (reset by either peer).
-    Io,
-    /// The socket could not join the pool's runtime (blame: internal).
-    Internal,
-}
-
-impl Outcome {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Clean => "none",
-            Outcome::UpstreamConnect => "upstream_connect",
-            Outcome::Io => "io",
-            Outcome::Internal => "internal",
-        }
-    }
-}
-
 /// Relays one captured connection of `pod`'s tenant to `dst`. Runs inside the tenant's pool.
 /// `peer_id` is the destination's identity when it is a meshed pod on this node.
 pub async fn outbound(
@@ -60,18 +36,14 @@ pub async fn outbound(
     dst: SocketAddr,
     peer_id: Option<certs::Identity>,
 ) {
-    let peer_label = peer_id.map_or_else(
-        || crate::metrics::PEER_UNKNOWN.to_owned(),
-        |p| p.to_string(),
-    );
-    let mut m =
-        ConnMetrics::open_with_peer(&pod.tenant.to_string(), Direction::Outbound, &peer_label);
+    let mut m = ConnMetrics::open(&pod.tenant, Direction::Outbound, peer_id.as_ref());
     let outcome = relay(down, dst, &m).await;
     tracing::debug!(
         tenant = %pod.tenant, pod = %format_args!("{}/{}", pod.namespace, pod.name),
-        %peer, %dst, outcome = outcome.as_str(), "connection closed"
+        %peer, %dst, outcome = outcome.as_str(), blame = outcome.blame().as_str(),
+        "connection closed"
     );
-    m.set_outcome(outcome.as_str());
+    m.record(outcome);
 }
 
 async fn relay(down: std::net::TcpStream, dst: SocketAddr, m: &ConnMetrics) -> Outcome {
@@ -87,7 +59,7 @@ async fn relay(down: std::net::TcpStream, dst: SocketAddr, m: &ConnMetrics) -> O
         Ok(Err(e)) => {
             tracing::debug!(%dst, error = %e, "upstream connect failed");
             reset(&down);
-            return Outcome::UpstreamConnect;
+            return outcome::connect(&e);
         }
         Err(_) => {
             tracing::debug!(%dst, "upstream connect timed out");
@@ -102,42 +74,50 @@ async fn relay(down: std::net::TcpStream, dst: SocketAddr, m: &ConnMetrics) -> O
         let moved = splice::bidirectional(&down, &up, pipes, &m.read_bytes, &m.write_bytes).await;
         return match moved {
             Ok(()) => Outcome::Clean,
-            Err(_) => {
-                reset(&down);
-                reset(&up);
-                Outcome::Io
-            }
+            Err(fault) => failed(&down, &up, dst, &fault),
         };
     }
     let (mut dr, mut dw) = down.split();
     let (mut ur, mut uw) = up.split();
-    let up_dir = pump(&mut dr, &mut uw, &m.read_bytes);
-    let down_dir = pump(&mut ur, &mut dw, &m.write_bytes);
+    let up_dir = pump(&mut dr, &mut uw, Side::Downstream, &m.read_bytes);
+    let down_dir = pump(&mut ur, &mut dw, Side::Upstream, &m.write_bytes);
     match tokio::try_join!(up_dir, down_dir) {
         Ok(_) => Outcome::Clean,
-        Err(_) => {
-            reset(&down);
-            reset(&up);
-            Outcome::Io
-        }
+        Err(fault) => failed(&down, &up, dst, &fault),
     }
 }
 
-/// Copies `r` to `w` until EOF, then half-closes `w`. Counts every chunk as it goes, so
-/// long-lived connections show up in metrics while they run.
-async fn pump<R, W>(r: &mut R, w: &mut W, counter: &metrics::Counter) -> io::Result<()>
+/// Resets both ends of a relay that failed mid-stream; the outcome blames the failed side.
+fn failed(down: &TcpStream, up: &TcpStream, dst: SocketAddr, fault: &IoFault) -> Outcome {
+    tracing::debug!(%dst, error = %fault, "relay failed");
+    reset(down);
+    reset(up);
+    fault.outcome()
+}
+
+/// Copies `r` (`from`'s socket) to `w` (the other side's) until EOF, then half-closes `w`.
+/// Counts every chunk as it goes, so long-lived connections show up in metrics while they run.
+/// An error names the side whose socket failed.
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    from: Side,
+    counter: &metrics::Counter,
+) -> Result<(), IoFault>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = r.read(&mut buf).await.map_err(IoFault::new(from))?;
         if n == 0 {
             // Half-close: the peer may still be sending the other way.
-            return w.shutdown().await;
+            return w.shutdown().await.map_err(IoFault::new(from.other()));
         }
-        w.write_all(&buf[..n]).await?;
+        w.write_all(&buf[..n])
+            .await
+            .map_err(IoFault::new(from.other()))?;
         counter.increment(n as u64);
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! Owns [`bidirectional`]: two pipes per connection (one per direction), each direction a loop
 //! of "wait readable → splice into the pipe → wait writable → splice out of it", driven by the
-//! pool's tokio reactor through `try_io`, counting bytes as they pass; the pipes of a relay that
-//! ended cleanly are kept (empty) for the thread's next one. Plain TCP relays use it;
+//! pool's tokio reactor through `try_io`, counting bytes as they pass; an error names the side
+//! whose socket failed ([`IoFault`]); the pipes of a relay that ended cleanly are kept (empty)
+//! for the thread's next one. Plain TCP relays use it;
 //! anything that must see the bytes (TLS, HTTP) does not.
 //!
 //! Must not touch: classification, metrics names (it takes counters), sockets other than the
@@ -17,6 +18,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use crate::outcome::{IoFault, Side};
 
 /// Bytes moved per splice call and the pipe size asked for.
 const CHUNK: usize = 256 * 1024;
@@ -72,56 +75,64 @@ impl Pipes {
     }
 }
 
-/// Relays `a` ⇄ `b` until both directions reach EOF (each EOF is passed on as a half-close).
-/// `a_to_b` and `b_to_a` count the bytes moved each way as they move.
+/// Relays `down` ⇄ `up` until both directions reach EOF (each EOF is passed on as a
+/// half-close). `down_to_up` and `up_to_down` count the bytes moved each way as they move.
 pub async fn bidirectional(
-    a: &TcpStream,
-    b: &TcpStream,
+    down: &TcpStream,
+    up: &TcpStream,
     pipes: Pipes,
-    a_to_b: &metrics::Counter,
-    b_to_a: &metrics::Counter,
-) -> io::Result<()> {
+    down_to_up: &metrics::Counter,
+    up_to_down: &metrics::Counter,
+) -> Result<(), IoFault> {
     let [p1, p2] = &pipes.0;
-    tokio::try_join!(one_way(a, b, p1, a_to_b), one_way(b, a, p2, b_to_a))?;
+    tokio::try_join!(
+        one_way((down, Side::Downstream), up, p1, down_to_up),
+        one_way((up, Side::Upstream), down, p2, up_to_down)
+    )?;
     // Both directions reached EOF with every byte spliced out: the pipes are empty. After an
     // error they may hold bytes, and are closed instead.
     pipes.keep_empty();
     Ok(())
 }
 
+/// One direction, `from` (whose side is `side`) to `to`.
 async fn one_way(
-    from: &TcpStream,
+    (from, side): (&TcpStream, Side),
     to: &TcpStream,
     pipe: &Pipe,
     counter: &metrics::Counter,
-) -> io::Result<()> {
+) -> Result<(), IoFault> {
+    // Reading into the pipe fails on `from`'s socket, writing out of it on `to`'s.
+    let (on_from, on_to) = (IoFault::new(side), IoFault::new(side.other()));
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let n = loop {
-            from.readable().await?;
+            from.readable().await.map_err(on_from)?;
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags)
                     .map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(on_from(e)),
             }
         };
         if n == 0 {
             // EOF: pass the half-close on; the other direction may still be sending.
-            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return socket2::SockRef::from(to)
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(on_to);
         }
         let mut left = n;
         while left > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(on_to)?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
                     .map_err(io::Error::from)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(on_to(e)),
             }
         }
         counter.increment(n as u64);
@@ -137,37 +148,47 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::outcome::Outcome;
 
-    /// Client ⇄ (a … b) ⇄ server over loopback, relayed by [`bidirectional`]: the client sends
-    /// `ping` and closes its side, the server answers `pong` and closes. Returns the relay's
-    /// result and the descriptors of the pipes it used.
-    async fn relay_once(reset_server: bool) -> (io::Result<()>, [i32; 2]) {
+    /// Client ⇄ (down … up) ⇄ server over loopback, relayed by [`bidirectional`]: the client
+    /// sends `ping` and closes its side, the server answers `pong` and closes; with `reset`,
+    /// that side's end aborts instead (the client once the server has its ping, the server
+    /// instead of answering). Returns the relay's result and the descriptors of its pipes.
+    async fn relay_once(reset: Option<Side>) -> (Result<(), IoFault>, [i32; 2]) {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(front.local_addr().unwrap())
             .await
             .unwrap();
-        let (a, _) = front.accept().await.unwrap();
-        let b = TcpStream::connect(back.local_addr().unwrap())
+        let (down, _) = front.accept().await.unwrap();
+        let up = TcpStream::connect(back.local_addr().unwrap())
             .await
             .unwrap();
         let (mut server, _) = back.accept().await.unwrap();
         let pipes = Pipes::new().unwrap();
         let fds = [pipes.0[0].read.as_raw_fd(), pipes.0[1].read.as_raw_fd()];
         let (none, none2) = (metrics::Counter::noop(), metrics::Counter::noop());
-        let relay = bidirectional(&a, &b, pipes, &none, &none2);
+        let relay = bidirectional(&down, &up, pipes, &none, &none2);
+        let abort = |s: TcpStream| {
+            socket2::SockRef::from(&s)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .unwrap();
+            drop(s);
+        };
         let ends = async {
             client.write_all(b"ping").await.unwrap();
             client.shutdown().await.unwrap();
             let mut got = Vec::new();
             server.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"ping");
-            if reset_server {
-                socket2::SockRef::from(&server)
-                    .set_linger(Some(std::time::Duration::ZERO))
-                    .unwrap();
-                drop(server);
-                return;
+            match reset {
+                Some(Side::Upstream) => return abort(server),
+                Some(Side::Downstream) => {
+                    abort(client);
+                    server.write_all(b"pong").await.unwrap();
+                    return server.shutdown().await.unwrap();
+                }
+                None => {}
             }
             server.write_all(b"pong").await.unwrap();
             server.shutdown().await.unwrap();
@@ -181,22 +202,33 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_clean_relays_pipes_serve_the_next_connection_and_a_failed_ones_do_not() {
-        let (first, fds) = relay_once(false).await;
+        let (first, fds) = relay_once(None).await;
         first.unwrap();
-        let (second, reused) = relay_once(false).await;
+        let (second, reused) = relay_once(None).await;
         second.unwrap();
         assert_eq!(
             reused, fds,
             "the second relay did not reuse the first one's pipes"
         );
         // The server resets: that relay fails, and its pipes (possibly not empty) are closed.
-        let (third, used) = relay_once(true).await;
-        assert!(third.is_err(), "a reset should fail the relay");
+        let (third, used) = relay_once(Some(Side::Upstream)).await;
         assert_eq!(used, fds);
         assert_eq!(
             SPARE.with(|s| s.borrow().len()),
             0,
             "a failed relay's pipes were kept"
         );
+        assert_eq!(
+            third.expect_err("a reset should fail the relay").outcome(),
+            Outcome::UpstreamReset
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_relay_blames_the_side_that_reset() {
+        let (result, _) = relay_once(Some(Side::Downstream)).await;
+        let fault = result.expect_err("the client's reset should fail the relay");
+        assert_eq!(fault.side, Side::Downstream, "{fault}");
+        assert_eq!(fault.outcome(), Outcome::DownstreamReset);
     }
 }

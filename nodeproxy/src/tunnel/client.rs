@@ -21,8 +21,9 @@ use certs::Identity;
 use tokio::net::TcpStream;
 
 use super::copy::{self, H2Stream};
-use super::{HANDSHAKE_TIMEOUT, Mesh, TenantTls, TunnelError, count_handshake};
-use crate::metrics::{ConnMetrics, Direction};
+use super::{HANDSHAKE_TIMEOUT, Mesh, TenantTls, TunnelError};
+use crate::metrics::{self, ConnMetrics};
+use crate::outcome::{self, Direction, Outcome, Side};
 use crate::relay::CONNECT_TIMEOUT;
 use crate::state::LocalPod;
 
@@ -131,26 +132,34 @@ pub async fn open_stream(
     slot.set(slot.get() + 1);
     // From here on the slot is released by the guard, whatever happens.
     let guard = SlotGuard(slot);
-    let refused = |reason: String| TunnelError::Connect2 {
+    let refused = |outcome: Outcome, reason: String| TunnelError::Refused {
         peer: peer.node,
         target,
+        outcome,
         reason,
     };
     let req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(target.to_string())
         .body(())
-        .map_err(|e| refused(format!("cannot build the CONNECT request: {e}")))?;
+        .map_err(|e| {
+            let why = format!("cannot build the CONNECT request: {e}");
+            refused(Outcome::Internal, why)
+        })?;
     let (resp, send) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut send = send.ready().await?;
         let (resp, stream) = send.send_request(req, false)?;
         Ok::<_, h2::Error>((resp.await?, stream))
     })
     .await
-    .map_err(|_| refused(format!("no answer within {HANDSHAKE_TIMEOUT:?}")))?
-    .map_err(|e| refused(format!("HTTP/2: {e}")))?;
+    .map_err(|_| {
+        let why = format!("no answer within {HANDSHAKE_TIMEOUT:?}");
+        refused(Outcome::TunnelRefused, why)
+    })?
+    .map_err(|e| refused(unanswered(&e), format!("HTTP/2: {e}")))?;
     if resp.status() != http::StatusCode::OK {
-        return Err(refused(format!("the peer answered {}", resp.status())));
+        let why = format!("the peer answered {}", resp.status());
+        return Err(refused(connect_status(resp.status()), why));
     }
     Ok(TunnelStream {
         stream: H2Stream {
@@ -159,6 +168,28 @@ pub async fn open_stream(
         },
         _slot: guard,
     })
+}
+
+/// The outcome of a CONNECT the peer answered with `status` (not 200), as its server half
+/// answers them (see `super::server`).
+pub(super) fn connect_status(status: http::StatusCode) -> Outcome {
+    use http::StatusCode as S;
+    match status {
+        S::FORBIDDEN => Outcome::ConnectForbidden,
+        S::SERVICE_UNAVAILABLE => Outcome::UpstreamTenantLimit,
+        S::BAD_GATEWAY | S::GATEWAY_TIMEOUT => Outcome::UpstreamConnect,
+        _ => Outcome::TunnelRefused,
+    }
+}
+
+/// The outcome of an HTTP/2 error before the CONNECT was answered: a TLS error inside (in TLS
+/// 1.3 the peer's refusal of our certificate arrives only now) or our own misuse as such, any
+/// other failure as a refused stream.
+fn unanswered(e: &h2::Error) -> Outcome {
+    match outcome::h2(Side::Upstream, e) {
+        Outcome::UpstreamReset => Outcome::TunnelRefused,
+        other => other,
+    }
 }
 
 /// Holds one stream's place on a pooled connection.
@@ -171,7 +202,8 @@ impl Drop for SlotGuard {
     }
 }
 
-/// A new mTLS + HTTP/2 connection from the tenant to `peer`.
+/// A new mTLS + HTTP/2 connection from the tenant to `peer`; the handshake is counted with
+/// its outcome.
 async fn dial(
     tls: &TenantTls,
     current: &certs::Current,
@@ -181,6 +213,7 @@ async fn dial(
     let name = rustls::pki_types::ServerName::try_from(certs::sni::encode(&peer.identity)?)
         .map_err(|e| TunnelError::Handshake {
             peer: peer.node,
+            outcome: Outcome::Internal,
             reason: format!("bad server name: {e}"),
         })?;
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.node)).await {
@@ -199,33 +232,56 @@ async fn dial(
         }
     };
     let _ = tcp.set_nodelay(true);
+    let shook = handshake(current, name, tcp, peer).await;
+    let outcome = shook
+        .as_ref()
+        .map_or_else(TunnelError::outcome, |_| Outcome::Clean);
+    metrics::handshake(&tenant, Direction::Outbound, outcome);
+    if let Err(e) = &shook {
+        tracing::warn!(%tenant, peer = %peer.node, expected = %peer.identity, error = %e, outcome = outcome.as_str(), "tunnel TLS handshake failed");
+    }
+    let (send, conn) = shook?;
+    let closed = Rc::new(Cell::new(false));
+    let node = peer.node;
+    let ended = closed.clone();
+    // The connection's own task, on this (the tenant's) thread like everything else here.
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            let outcome = outcome::h2(Side::Upstream, &e);
+            tracing::debug!(peer = %node, error = %e, outcome = outcome.as_str(), "tunnel connection ended");
+        }
+        ended.set(true);
+    });
+    Ok((send, closed))
+}
+
+type Connection =
+    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::io::BufReader<TcpStream>>, Bytes>;
+
+/// The TLS then HTTP/2 handshake on `tcp`, each bounded by [`HANDSHAKE_TIMEOUT`].
+async fn handshake(
+    current: &certs::Current,
+    name: rustls::pki_types::ServerName<'static>,
+    tcp: TcpStream,
+    peer: &RemotePeer,
+) -> Result<(Sender, Connection), TunnelError> {
+    let failed = |outcome: Outcome, reason: String| TunnelError::Handshake {
+        peer: peer.node,
+        outcome,
+        reason,
+    };
+    let timed_out = |what: &str| {
+        let why = format!("no {what} handshake within {HANDSHAKE_TIMEOUT:?}");
+        failed(Outcome::UpstreamTlsTimeout, why)
+    };
     let connector = tokio_rustls::TlsConnector::from(current.client_config());
-    let tls_stream = match tokio::time::timeout(
+    let tls_stream = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         connector.connect(name, super::buffered(tcp)),
     )
     .await
-    {
-        Ok(Ok(s)) => {
-            count_handshake(&tenant, "outbound", "ok");
-            s
-        }
-        Ok(Err(e)) => {
-            count_handshake(&tenant, "outbound", "error");
-            tracing::warn!(%tenant, peer = %peer.node, expected = %peer.identity, error = %e, "tunnel TLS handshake failed");
-            return Err(TunnelError::Handshake {
-                peer: peer.node,
-                reason: e.to_string(),
-            });
-        }
-        Err(_) => {
-            count_handshake(&tenant, "outbound", "timeout");
-            return Err(TunnelError::Handshake {
-                peer: peer.node,
-                reason: format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
-            });
-        }
-    };
+    .map_err(|_| timed_out("TLS"))?
+    .map_err(|e| failed(outcome::handshake(Side::Upstream, &e), e.to_string()))?;
     let handshake = h2::client::Builder::new()
         .initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONN_WINDOW)
@@ -236,25 +292,13 @@ async fn dial(
         .initial_max_send_streams(super::MAX_STREAMS_PER_CONN)
         .enable_push(false)
         .handshake(tls_stream);
-    let http2_failed = |reason: String| TunnelError::Handshake {
-        peer: peer.node,
-        reason,
-    };
-    let (send, conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| http2_failed(format!("no HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}")))?
-        .map_err(|e| http2_failed(format!("HTTP/2: {e}")))?;
-    let closed = Rc::new(Cell::new(false));
-    let node = peer.node;
-    let ended = closed.clone();
-    // The connection's own task, on this (the tenant's) thread like everything else here.
-    tokio::task::spawn_local(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(peer = %node, error = %e, "tunnel connection ended");
-        }
-        ended.set(true);
-    });
-    Ok((send, closed))
+        .map_err(|_| timed_out("HTTP/2"))?
+        .map_err(|e| {
+            let outcome = outcome::h2_handshake(Side::Upstream, &e);
+            failed(outcome, format!("HTTP/2: {e}"))
+        })
 }
 
 /// The pool job for a captured connection of `pod`'s tenant to a remote meshed pod: through
@@ -267,17 +311,14 @@ pub async fn outbound(
     peer: RemotePeer,
     mesh: Mesh,
 ) {
-    let mut m = ConnMetrics::open_with_peer(
-        &pod.tenant.to_string(),
-        Direction::Outbound,
-        &peer.identity.to_string(),
-    );
+    let mut m = ConnMetrics::open(&pod.tenant, Direction::Outbound, Some(&peer.identity));
     let outcome = relay(down, dst, &peer, &pod.tenant, &mesh, &m).await;
     tracing::debug!(
         tenant = %pod.tenant, pod = %format_args!("{}/{}", pod.namespace, pod.name),
-        peer_identity = %peer.identity, peer_node = %peer.node, %src, %dst, outcome, "tunnelled connection closed"
+        peer_identity = %peer.identity, peer_node = %peer.node, %src, %dst,
+        outcome = outcome.as_str(), blame = outcome.blame().as_str(), "tunnelled connection closed"
     );
-    m.set_outcome(outcome);
+    m.record(outcome);
 }
 
 async fn relay(
@@ -287,12 +328,12 @@ async fn relay(
     tenant: &Identity,
     mesh: &Mesh,
     m: &ConnMetrics,
-) -> &'static str {
+) -> Outcome {
     let mut down = match TcpStream::from_std(down) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot register socket with the pool runtime");
-            return "internal";
+            return Outcome::Internal;
         }
     };
     let _ = down.set_nodelay(true);
@@ -302,15 +343,16 @@ async fn relay(
         Err(e) => {
             tracing::warn!(%tenant, %dst, error = %e, "cannot open a tunnel stream");
             let _ = socket2::SockRef::from(&down).set_linger(Some(std::time::Duration::ZERO));
-            return e.kind();
+            return e.outcome();
         }
     };
     drop(tls);
     match copy::join(&mut down, &mut up.stream, &m.read_bytes, &m.write_bytes).await {
-        Ok(()) => "none",
+        Ok(()) => Outcome::Clean,
         Err(e) => {
             tracing::debug!(%dst, error = %e, "tunnelled connection failed");
-            e.kind()
+            // The pod is the downstream here, the tunnel the upstream.
+            e.outcome(Side::Downstream)
         }
     }
 }

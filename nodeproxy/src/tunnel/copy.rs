@@ -26,6 +26,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use crate::outcome::{self, Outcome, Side};
+
 /// First read buffer of a connection: small, so an idle or chatty connection holds little.
 const SMALL_READ: usize = 16 << 10;
 /// Read buffer once a read has filled the small one (a bulk stream): one read is one DATA
@@ -56,9 +58,16 @@ pub(crate) enum Fault {
 }
 
 impl Fault {
-    /// The close metric's `error` label (the relay's closed set).
-    pub(crate) fn kind(&self) -> &'static str {
-        "io"
+    /// How the connection ends, given which side the pod is on (downstream for the client
+    /// half, upstream for the server half); the tunnel is the other side. A reset from the
+    /// peer blames the tunnel's side: the peer resets when its own end failed.
+    pub(crate) fn outcome(&self, pod: Side) -> Outcome {
+        let tunnel = pod.other();
+        match self {
+            Fault::Pod(e) => outcome::io(pod, e),
+            Fault::Stream(e) => outcome::h2(tunnel, e),
+            Fault::Reset(_) => tunnel.reset(),
+        }
     }
 }
 
@@ -295,6 +304,35 @@ mod tests {
         assert_eq!(n(&a_in_n), reply.len() as u64);
     }
 
+    #[test]
+    fn faults_blame_the_pod_or_the_tunnel_side() {
+        use std::io::{Error, ErrorKind};
+        let reset = || Fault::Pod(Error::from(ErrorKind::ConnectionReset));
+        // (fault, outcome on the client half (pod downstream), on the server half)
+        let cases = [
+            (reset(), Outcome::DownstreamReset, Outcome::UpstreamReset),
+            (
+                Fault::Pod(Error::from(ErrorKind::OutOfMemory)),
+                Outcome::Internal,
+                Outcome::Internal,
+            ),
+            (
+                Fault::Reset(h2::Reason::CONNECT_ERROR),
+                Outcome::UpstreamReset,
+                Outcome::DownstreamReset,
+            ),
+            (
+                Fault::Stream(h2::Reason::PROTOCOL_ERROR.into()),
+                Outcome::UpstreamReset,
+                Outcome::DownstreamReset,
+            ),
+        ];
+        for (fault, client, server) in cases {
+            assert_eq!(fault.outcome(Side::Downstream), client, "{fault:?}");
+            assert_eq!(fault.outcome(Side::Upstream), server, "{fault:?}");
+        }
+    }
+
     #[tokio::test]
     async fn a_reset_pod_connection_resets_the_stream_and_the_other_pod() {
         let (mut stream_a, mut stream_b) = stream_pair().await;
@@ -318,6 +356,10 @@ mod tests {
             matches!(a, Fault::Reset(h2::Reason::CONNECT_ERROR)),
             "{a:?}"
         );
+        // Side B is the server half (its pod upstream), side A the client half: both blame
+        // pod B, which reset.
+        assert_eq!(b.outcome(Side::Upstream), Outcome::UpstreamReset);
+        assert_eq!(a.outcome(Side::Downstream), Outcome::UpstreamReset);
         // Pod A sees an abort, not a clean end.
         let mut buf = [0u8; 16];
         let err = pod_a.read(&mut buf).await.unwrap_err();

@@ -41,6 +41,7 @@ use certs::store::BoxFuture;
 use certs::{Ca, CertStore, Identity, RotationOptions, Signed, Signer};
 
 use crate::metrics;
+use crate::outcome::{self, Outcome};
 use crate::state::Snapshot;
 
 /// The port every node's tunnel listens on (peers are dialled there).
@@ -172,13 +173,14 @@ pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio
     tokio::io::BufReader::with_capacity(READ_BUF, tcp)
 }
 
-/// Errors of the tunnel, with who is to blame (a closed set labels metrics).
+/// Errors of the tunnel's client half. Each names its [`Outcome`] (which says who is to
+/// blame and whether a retry is safe), decided where the error is made.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
-    /// The tenant has no certificate yet (blame: internal / control plane; retry may help).
+    /// The tenant has no certificate yet (the CA or control plane; a retry may help).
     #[error("no certificate: {0}")]
     NoCertificate(String),
-    /// The peer node could not be reached (blame: upstream; retry may help).
+    /// The peer node could not be reached.
     #[error("cannot reach tunnel peer {peer}: {source}")]
     Connect {
         /// The peer node's tunnel address.
@@ -187,21 +189,26 @@ pub enum TunnelError {
         #[source]
         source: std::io::Error,
     },
-    /// The TLS handshake failed (blame: peer or us; retry unlikely to help).
+    /// The TLS or HTTP/2 handshake with the peer node failed.
     #[error("TLS handshake with {peer} failed: {reason}")]
     Handshake {
         /// The peer.
         peer: SocketAddr,
+        /// How it failed (one of the tunnel handshake's outcomes).
+        outcome: Outcome,
         /// Why.
         reason: String,
     },
-    /// HTTP/2 failed or the peer refused the CONNECT (blame: upstream).
+    /// The peer did not accept the CONNECT stream (HTTP/2 failed, or it answered another
+    /// status than 200).
     #[error("tunnel to {peer} for {target}: {reason}")]
-    Connect2 {
+    Refused {
         /// The peer node.
         peer: SocketAddr,
         /// The destination pod.
         target: SocketAddr,
+        /// How it failed.
+        outcome: Outcome,
         /// Why.
         reason: String,
     },
@@ -211,14 +218,15 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
-    /// The metric label (closed set).
-    pub fn kind(&self) -> &'static str {
+    /// How the connection that met this error ends.
+    pub fn outcome(&self) -> Outcome {
         match self {
-            TunnelError::NoCertificate(_) => "no_certificate",
-            TunnelError::Connect { .. } => "upstream_connect",
-            TunnelError::Handshake { .. } => "tls_handshake",
-            TunnelError::Connect2 { .. } => "tunnel_refused",
-            TunnelError::Name(_) => "internal",
+            TunnelError::NoCertificate(_) => Outcome::NoCertificate,
+            TunnelError::Connect { source, .. } => outcome::connect(source),
+            TunnelError::Handshake { outcome, .. } | TunnelError::Refused { outcome, .. } => {
+                *outcome
+            }
+            TunnelError::Name(_) => Outcome::Internal,
         }
     }
 }
@@ -266,17 +274,6 @@ impl Signer for LocalCaSigner {
     }
 }
 
-/// Counts a TLS handshake.
-pub(crate) fn count_handshake(tenant: &Identity, direction: &'static str, result: &'static str) {
-    ::metrics::counter!(
-        metrics::TLS_HANDSHAKES_TOTAL,
-        "tenant" => tenant.to_string(),
-        "direction" => direction,
-        "result" => result,
-    )
-    .increment(1);
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -290,6 +287,89 @@ mod tests {
         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\n\
         spec: {serviceAccountName: db, nodeName: n2, containers: [{name: c, image: i}]}\n\
         status: {phase: Running, podIP: 10.0.1.2}\n";
+
+    #[test]
+    fn tunnel_errors_name_their_outcome() {
+        let peer: SocketAddr = "192.168.0.2:15008".parse().unwrap();
+        let target: SocketAddr = "10.0.1.2:80".parse().unwrap();
+        let io = |kind| std::io::Error::from(kind);
+        let cases = [
+            (
+                TunnelError::NoCertificate("no CA".into()),
+                Outcome::NoCertificate,
+            ),
+            (
+                TunnelError::Connect {
+                    peer,
+                    source: io(std::io::ErrorKind::ConnectionRefused),
+                },
+                Outcome::UpstreamConnect,
+            ),
+            (
+                TunnelError::Connect {
+                    peer,
+                    source: io(std::io::ErrorKind::AddrNotAvailable),
+                },
+                Outcome::Internal,
+            ),
+            (
+                TunnelError::Handshake {
+                    peer,
+                    outcome: Outcome::UpstreamTlsCertificate,
+                    reason: "unknown issuer".into(),
+                },
+                Outcome::UpstreamTlsCertificate,
+            ),
+            (
+                TunnelError::Refused {
+                    peer,
+                    target,
+                    outcome: Outcome::ConnectForbidden,
+                    reason: "403".into(),
+                },
+                Outcome::ConnectForbidden,
+            ),
+            (
+                TunnelError::Name(certs::Error::BadPeerCert("x".into())),
+                Outcome::Internal,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.outcome(), want, "{e}");
+        }
+    }
+
+    /// What the server half answers a refused CONNECT with, the client half reads back as the
+    /// same outcome (blame included), so both nodes' metrics tell the same story.
+    #[test]
+    fn a_refused_connect_means_the_same_on_both_nodes() {
+        use server::Refusal;
+        let target: SocketAddr = "10.0.0.3:5432".parse().unwrap();
+        let not_ours = Refusal::NotOurs {
+            target,
+            owner: None,
+        };
+        assert_eq!(not_ours.outcome(), Outcome::ConnectForbidden);
+        assert_eq!(
+            client::connect_status(not_ours.status()),
+            not_ours.outcome()
+        );
+        // A request the peer finds malformed is its refusal, not the client's fault.
+        for bad in [Refusal::Method, Refusal::Authority] {
+            assert_eq!(bad.outcome(), Outcome::BadConnect);
+            assert_eq!(client::connect_status(bad.status()), Outcome::TunnelRefused);
+        }
+        let shed = client::connect_status(server::SHED);
+        assert_eq!(shed, Outcome::UpstreamTenantLimit);
+        assert_eq!(shed.blame(), outcome::Blame::Tenant);
+        for pod in [server::POD_REFUSED, server::POD_TIMEOUT] {
+            assert_eq!(client::connect_status(pod), Outcome::UpstreamConnect);
+        }
+        assert_eq!(
+            client::connect_status(http::StatusCode::INTERNAL_SERVER_ERROR),
+            Outcome::TunnelRefused
+        );
+    }
 
     #[tokio::test]
     async fn the_standalone_signer_signs_only_identities_of_local_pods() {

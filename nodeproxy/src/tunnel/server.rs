@@ -7,7 +7,9 @@
 //! belong to this tenant ([`decide`], no I/O); the tenant's pool admits it against the tenant's
 //! own limits (over a limit: 503, counted in `nodeproxy_tenant_rejected_total`); the stream is
 //! joined to a new TCP connection to that pod through `super::copy`. Each stream is a task of
-//! its own on this thread.
+//! its own on this thread. Every handshake is counted with its [`Outcome`]; a stream refused
+//! before admission in `nodeproxy_tcp_refused_total`, an admitted one (even if its pod cannot
+//! be reached) in the `tcp_` metrics of its [`ConnMetrics`].
 //!
 //! Must not touch: other tenants' pools or certificates, the outbound side.
 
@@ -21,8 +23,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use tokio::net::TcpStream;
 
 use super::copy::{self, H2Stream};
-use super::{HANDSHAKE_TIMEOUT, MAX_STREAMS_PER_CONN, Mesh, count_handshake};
-use crate::metrics::{ConnMetrics, Direction};
+use super::{HANDSHAKE_TIMEOUT, MAX_STREAMS_PER_CONN, Mesh};
+use crate::metrics::{self, ConnMetrics};
+use crate::outcome::{self, Direction, Outcome, Side};
 use crate::relay::CONNECT_TIMEOUT;
 use crate::state::Snapshot;
 
@@ -39,49 +42,53 @@ pub async fn serve(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot register socket with the pool runtime");
+            metrics::refused(Outcome::Internal);
             return;
         }
     };
     let _ = stream.set_nodelay(true);
-    let tls = super::tenant_tls(&tenant, &mesh);
-    let current = match super::current(&tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            count_handshake(&tenant, "inbound", "no_certificate");
-            tracing::warn!(%tenant, %client, error = %e, "refusing a tunnel connection");
+    let (tls_stream, peer_id) = match handshake(stream, &tenant, &mesh).await {
+        Ok(accepted) => accepted,
+        Err((outcome, why)) => {
+            metrics::handshake(&tenant, Direction::Inbound, outcome);
+            // The test suite and operators read this line: keep "tunnel TLS handshake refused".
+            tracing::warn!(%tenant, %client, error = %why, outcome = outcome.as_str(), blame = outcome.blame().as_str(), "tunnel TLS handshake refused");
             return;
         }
     };
+    tracing::debug!(%tenant, %client, peer = %peer_id, "tunnel connection accepted");
+    serve_http2(tls_stream, client, tenant, peer_id, mesh, pool).await;
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::io::BufReader<TcpStream>>;
+
+/// The TLS handshake with the tenant's certificate and the client's verified identity, or
+/// how and why not.
+async fn handshake(
+    stream: TcpStream,
+    tenant: &Identity,
+    mesh: &Mesh,
+) -> Result<(TlsStream, Identity), (Outcome, String)> {
+    let tls = super::tenant_tls(tenant, mesh);
+    let current = super::current(&tls)
+        .await
+        .map_err(|e| (e.outcome(), e.to_string()))?;
     drop(tls);
     let acceptor = tokio_rustls::TlsAcceptor::from(current.server_config());
     drop(current);
-    let tls_stream =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::buffered(stream)))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                count_handshake(&tenant, "inbound", "error");
-                tracing::warn!(%tenant, %client, error = %e, "tunnel TLS handshake refused");
-                return;
-            }
-            Err(_) => {
-                count_handshake(&tenant, "inbound", "timeout");
-                tracing::warn!(%tenant, %client, "tunnel TLS handshake timed out");
-                return;
-            }
-        };
-    let peer_id = match certs::verify::peer_identity(tls_stream.get_ref().1) {
-        Ok(id) => id,
-        Err(e) => {
-            count_handshake(&tenant, "inbound", "error");
-            tracing::warn!(%tenant, %client, error = %e, "tunnel client has no usable identity");
-            return;
-        }
-    };
-    count_handshake(&tenant, "inbound", "ok");
-    tracing::debug!(%tenant, %client, peer = %peer_id, "tunnel connection accepted");
-    serve_http2(tls_stream, client, tenant, peer_id, mesh, pool).await;
+    let accept = acceptor.accept(super::buffered(stream));
+    let tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+        .await
+        .map_err(|_| {
+            let why = format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
+            (Outcome::DownstreamTlsTimeout, why)
+        })?
+        .map_err(|e| (outcome::handshake(Side::Downstream, &e), e.to_string()))?;
+    let peer_id = certs::verify::peer_identity(tls_stream.get_ref().1).map_err(|e| {
+        let why = format!("the client has no usable identity: {e}");
+        (Outcome::DownstreamTlsCertificate, why)
+    })?;
+    Ok((tls_stream, peer_id))
 }
 
 /// HTTP/2 on an accepted mTLS connection: each CONNECT stream is a task of its own.
@@ -104,14 +111,22 @@ async fn serve_http2<T>(
         .max_header_list_size(super::MAX_HEADER_LIST)
         .max_local_error_reset_streams(Some(super::MAX_LOCAL_ERROR_RESETS))
         .handshake::<_, Bytes>(tls);
+    // The handshake is counted once it is complete: TLS, then HTTP/2 (as the client does).
     let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(c)) => c,
+        Ok(Ok(c)) => {
+            metrics::handshake(&tenant, Direction::Inbound, Outcome::Clean);
+            c
+        }
         Ok(Err(e)) => {
-            tracing::debug!(%tenant, %client, error = %e, "tunnel connection ended");
+            let outcome = outcome::h2_handshake(Side::Downstream, &e);
+            metrics::handshake(&tenant, Direction::Inbound, outcome);
+            tracing::debug!(%tenant, %client, error = %e, outcome = outcome.as_str(), "no HTTP/2 on a tunnel connection");
             return;
         }
         Err(_) => {
-            tracing::debug!(%tenant, %client, "no HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}");
+            let outcome = Outcome::DownstreamTlsTimeout;
+            metrics::handshake(&tenant, Direction::Inbound, outcome);
+            tracing::debug!(%tenant, %client, outcome = outcome.as_str(), "no HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
@@ -124,7 +139,8 @@ async fn serve_http2<T>(
                 tokio::task::spawn_local(handle(req, respond, tenant, peer_id, mesh, pool));
             }
             Err(e) => {
-                tracing::debug!(%tenant, %client, error = %e, "tunnel connection ended");
+                let outcome = outcome::h2(Side::Downstream, &e);
+                tracing::debug!(%tenant, %client, error = %e, outcome = outcome.as_str(), "tunnel connection ended");
                 return;
             }
         }
@@ -133,7 +149,7 @@ async fn serve_http2<T>(
 
 /// Why a CONNECT request is refused (decided from its head and the snapshot, no I/O).
 #[derive(Debug, PartialEq, Eq)]
-enum Refusal {
+pub(super) enum Refusal {
     /// Not a CONNECT.
     Method,
     /// `:authority` is not an `ip:port`.
@@ -147,14 +163,30 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn status(&self) -> StatusCode {
+    /// The status the stream is answered with.
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             Refusal::Method => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::Authority => StatusCode::BAD_REQUEST,
             Refusal::NotOurs { .. } => StatusCode::FORBIDDEN,
         }
     }
+
+    /// How the stream ends.
+    pub(super) fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::Method | Refusal::Authority => Outcome::BadConnect,
+            Refusal::NotOurs { .. } => Outcome::ConnectForbidden,
+        }
+    }
 }
+
+/// The status a stream shed by the tenant's limits is answered with.
+pub(super) const SHED: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+/// The status when the local pod refused the connection.
+pub(super) const POD_REFUSED: StatusCode = StatusCode::BAD_GATEWAY;
+/// The status when connecting to the local pod timed out.
+pub(super) const POD_TIMEOUT: StatusCode = StatusCode::GATEWAY_TIMEOUT;
 
 /// The decide phase of one stream: the local pod to connect to, or why not.
 fn decide(
@@ -205,6 +237,7 @@ async fn handle(
             if let Refusal::NotOurs { target, owner } = &refusal {
                 tracing::warn!(%tenant, peer = %peer_id, %target, owner = ?owner.as_ref().map(|o| o.to_string()), "refusing CONNECT: target is not a local pod of this identity");
             }
+            metrics::refused(refusal.outcome());
             let _ = respond_status(&mut respond, refusal.status(), true);
             return;
         }
@@ -213,51 +246,59 @@ async fn handle(
     let _admission = match pool.admit(crate::relay::BUFFER_BYTES) {
         Ok(admission) => admission,
         Err(rejection) => {
-            crate::metrics::tenant_rejected(&tenant, rejection.as_str());
+            metrics::tenant_rejected(&tenant, rejection);
             tracing::debug!(%tenant, peer = %peer_id, %target, reason = rejection.as_str(), "CONNECT shed: the tenant is at its limit");
-            let _ = respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE, true);
+            let _ = respond_status(&mut respond, SHED, true);
             return;
         }
     };
+    // Admitted: from here on the stream is a connection of the tenant's, counted at its end.
+    let mut m = ConnMetrics::open(&tenant, Direction::Inbound, Some(&peer_id));
+    let outcome = relay(req, respond, target, &m).await;
+    tracing::debug!(%tenant, peer = %peer_id, %target, outcome = outcome.as_str(), blame = outcome.blame().as_str(), "inbound tunnelled connection closed");
+    m.record(outcome);
+}
+
+/// Connects to the local pod, answers 200 and joins the two; or answers why not.
+async fn relay(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    target: SocketAddr,
+    m: &ConnMetrics,
+) -> Outcome {
     let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(%tenant, %target, error = %e, "local pod refused the connection");
-            let _ = respond_status(&mut respond, StatusCode::BAD_GATEWAY, true);
-            return;
+            tracing::debug!(%target, error = %e, "local pod refused the connection");
+            let _ = respond_status(&mut respond, POD_REFUSED, true);
+            return outcome::connect(&e);
         }
         Err(_) => {
-            let _ = respond_status(&mut respond, StatusCode::GATEWAY_TIMEOUT, true);
-            return;
+            let _ = respond_status(&mut respond, POD_TIMEOUT, true);
+            return Outcome::UpstreamConnect;
         }
     };
     let _ = up.set_nodelay(true);
-    let mut m = ConnMetrics::open_with_peer(
-        &tenant.to_string(),
-        Direction::Inbound,
-        &peer_id.to_string(),
-    );
-    let outcome = match respond_status(&mut respond, StatusCode::OK, false) {
-        Ok(send) => {
-            let mut stream = H2Stream {
-                send,
-                recv: req.into_body(),
-            };
-            // Downstream is the tunnel's client here: what comes from it is read, what goes
-            // to it is written.
-            match copy::join(&mut up, &mut stream, &m.write_bytes, &m.read_bytes).await {
-                Ok(()) => "none",
-                Err(e) => {
-                    tracing::debug!(%tenant, peer = %peer_id, %target, error = %e, "inbound tunnelled connection failed");
-                    e.kind()
-                }
-            }
-        }
-        // The client reset the stream while we connected.
-        Err(_) => "io",
+    let send = match respond_status(&mut respond, StatusCode::OK, false) {
+        Ok(send) => send,
+        // The client reset the stream while we connected (h2 reports it as our misuse of a
+        // closed stream, so it is not classified as an HTTP/2 error).
+        Err(_) => return Outcome::DownstreamReset,
     };
-    tracing::debug!(%tenant, peer = %peer_id, %target, outcome, "inbound tunnelled connection closed");
-    m.set_outcome(outcome);
+    let mut stream = H2Stream {
+        send,
+        recv: req.into_body(),
+    };
+    // Downstream is the tunnel's client here: what comes from it is read, what goes to it is
+    // written.
+    match copy::join(&mut up, &mut stream, &m.write_bytes, &m.read_bytes).await {
+        Ok(()) => Outcome::Clean,
+        Err(e) => {
+            tracing::debug!(%target, error = %e, "inbound tunnelled connection failed");
+            // The pod is the upstream here.
+            e.outcome(Side::Upstream)
+        }
+    }
 }
 
 #[cfg(test)]
