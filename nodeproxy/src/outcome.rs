@@ -635,57 +635,23 @@ mod tests {
 
     #[test]
     fn tls_errors_and_alerts() {
+        use Outcome as O;
         use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+        // (error, [outcome with the client downstream, with the peer node upstream])
+        let certificate = [O::DownstreamTlsCertificate, O::UpstreamTlsCertificate];
+        let refused = [O::DownstreamTlsRefused, O::UpstreamTlsRefused];
+        let failed = [O::DownstreamTlsHandshake, O::TlsHandshake];
         let cases = [
-            (
-                E::InvalidCertificate(C::UnknownIssuer),
-                [
-                    Outcome::DownstreamTlsCertificate,
-                    Outcome::UpstreamTlsCertificate,
-                ],
-            ),
-            (
-                E::InvalidCertificate(C::Expired),
-                [
-                    Outcome::DownstreamTlsCertificate,
-                    Outcome::UpstreamTlsCertificate,
-                ],
-            ),
-            (
-                E::NoCertificatesPresented,
-                [
-                    Outcome::DownstreamTlsCertificate,
-                    Outcome::UpstreamTlsCertificate,
-                ],
-            ),
-            (
-                E::AlertReceived(A::BadCertificate),
-                [Outcome::DownstreamTlsRefused, Outcome::UpstreamTlsRefused],
-            ),
-            (
-                E::AlertReceived(A::UnknownCA),
-                [Outcome::DownstreamTlsRefused, Outcome::UpstreamTlsRefused],
-            ),
-            (
-                E::AlertReceived(A::CertificateRequired),
-                [Outcome::DownstreamTlsRefused, Outcome::UpstreamTlsRefused],
-            ),
-            (
-                E::AlertReceived(A::HandshakeFailure),
-                [Outcome::DownstreamTlsHandshake, Outcome::TlsHandshake],
-            ),
-            (
-                E::AlertReceived(A::ProtocolVersion),
-                [Outcome::DownstreamTlsHandshake, Outcome::TlsHandshake],
-            ),
-            (
-                E::DecryptError,
-                [Outcome::DownstreamTlsHandshake, Outcome::TlsHandshake],
-            ),
-            (
-                E::FailedToGetRandomBytes,
-                [Outcome::Internal, Outcome::Internal],
-            ),
+            (E::InvalidCertificate(C::UnknownIssuer), certificate),
+            (E::InvalidCertificate(C::Expired), certificate),
+            (E::NoCertificatesPresented, certificate),
+            (E::AlertReceived(A::BadCertificate), refused),
+            (E::AlertReceived(A::UnknownCA), refused),
+            (E::AlertReceived(A::CertificateRequired), refused),
+            (E::AlertReceived(A::HandshakeFailure), failed),
+            (E::AlertReceived(A::ProtocolVersion), failed),
+            (E::DecryptError, failed),
+            (E::FailedToGetRandomBytes, [O::Internal, O::Internal]),
         ];
         for (e, [down, up]) in cases {
             assert_eq!(tls(Side::Downstream, &e), down, "{e:?}");
