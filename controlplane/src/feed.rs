@@ -230,15 +230,27 @@ mod tests {
         let (publisher, mut feed) = Publisher::new("cluster.local", Mode::Strict);
         let rereads = Rereads::default();
         let now = rereads.now.clone();
-        let task = tokio::spawn(watch_file_on(FileInput::Path(path.clone()), publisher, rereads));
+        let task = tokio::spawn(watch_file_on(
+            FileInput::Path(path.clone()),
+            publisher,
+            rereads,
+        ));
         assert_eq!(next_version(&mut feed, 0).await, 1);
 
         // A change alone is not read (no polling): a notification reads it, and only then.
-        let two = format!("{POD}---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: b\n  labels:\n    nodeproxy.io/mesh: enabled\n");
+        let two = format!(
+            "{POD}---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: b\n  labels:\n    nodeproxy.io/mesh: enabled\n"
+        );
         std::fs::write(&path, two).unwrap();
         now.notify_one();
         assert_eq!(next_version(&mut feed, 1).await, 2);
-        let meshed = feed.borrow().as_ref().unwrap().cluster.meshed_namespaces().len();
+        let meshed = feed
+            .borrow()
+            .as_ref()
+            .unwrap()
+            .cluster
+            .meshed_namespaces()
+            .len();
         assert_eq!(meshed, 2, "the second read saw the change");
         // A notification re-reads even an unchanged file.
         now.notify_one();
