@@ -1,6 +1,8 @@
 //! Privileged tests: real nftables inside throwaway network namespaces, never the host's ruleset,
 //! including real TCP connections captured with TPROXY (to a pod's own port or the shared one).
-//! Without root, `ip` or `nft` they skip, except under `CI=true`, where they fail instead.
+//! Each is `#[ignore]`d, so a plain `cargo test` lists them as ignored; asked to run
+//! (`--include-ignored`, as `scripts/test.sh` does as root) they fail, never skip, when root,
+//! `ip` or `nft` is missing.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -41,13 +43,13 @@ impl Drop for Netns {
     }
 }
 
-/// Why these tests cannot run here, if they cannot.
 /// Applies `rules` and checks the kernel has exactly them.
 fn apply_and_verify(nft: &Nft, rules: &RuleSet) {
     nft.apply(rules).unwrap();
     nft.verify(rules).unwrap();
 }
 
+/// Why these tests cannot run here, if they cannot.
 fn missing_privileges() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status
@@ -56,7 +58,10 @@ fn missing_privileges() -> Option<String> {
         .and_then(|ids| ids.split_whitespace().nth(1))
         .map(str::to_owned);
     if euid.as_deref() != Some("0") {
-        return Some(format!("effective uid is {euid:?}, not 0"));
+        return Some(format!(
+            "root (the effective uid is {}; run as root: `sudo scripts/test.sh`)",
+            euid.as_deref().unwrap_or("unknown")
+        ));
     }
     let runs = |program: &str, arg: &str| {
         Command::new(program)
@@ -65,25 +70,22 @@ fn missing_privileges() -> Option<String> {
             .is_ok_and(|o| o.status.success())
     };
     if !runs("ip", "-V") {
-        return Some("`ip -V` does not run (install iproute2)".to_owned());
+        return Some("ip (`ip -V` does not run; install iproute2)".to_owned());
     }
     if Nft::new().is_err() {
-        return Some("nft is not installed (install nftables)".to_owned());
+        return Some("nft (not installed; install nftables)".to_owned());
     }
     None
 }
 
-/// Returns false (after saying so) when the test must skip; panics instead under CI.
-fn can_run() -> bool {
-    match missing_privileges() {
-        None => true,
-        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("privileged test cannot run under CI: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipping: needs root and nft ({why})");
-            false
-        }
+/// Panics, naming what is missing and how to get it, unless this test can create network
+/// namespaces and load nftables into them: it was asked to run, so it must not pass by skipping.
+fn require_privileges() {
+    if let Some(missing) = missing_privileges() {
+        panic!(
+            "this privileged test needs root, ip and nft; missing: {missing}. scripts/test.sh \
+             runs the privileged tests as root with --include-ignored"
+        );
     }
 }
 
@@ -202,10 +204,9 @@ fn ip(netns: &Netns, args: &[&str]) {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn apply_verify_update_remove() {
-    if !can_run() {
-        return;
-    }
+    require_privileges();
     let netns = Netns::create("life");
     let nft = Nft::new().unwrap().in_netns(&netns.0).unwrap();
     let table = TableName::new("np_test").unwrap();
@@ -269,10 +270,9 @@ fn apply_verify_update_remove() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
-    if !can_run() {
-        return;
-    }
+    require_privileges();
     let netns = Netns::create("route");
     let nft = Nft::new().unwrap().in_netns(&netns.0).unwrap();
     let rules = RuleSet::default().with_pods(ips(&["10.244.0.2", "fd00::2"]));
@@ -359,10 +359,9 @@ fn tproxy_policy_routing_is_applied_verified_replaced_and_removed() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn pod_ports_are_applied_verified_and_updated() {
-    if !can_run() {
-        return;
-    }
+    require_privileges();
     let netns = Netns::create("ports");
     let nft = Nft::new().unwrap().in_netns(&netns.0).unwrap();
     let table = TableName::new("np_ports").unwrap();
@@ -436,10 +435,9 @@ fn pod_ports_are_applied_verified_and_updated() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn tproxy_delivers_to_the_pod_port_or_falls_back_to_the_shared_listener() {
-    if !can_run() {
-        return;
-    }
+    require_privileges();
     // A node namespace with the rules and listeners, and a pod namespace whose three addresses
     // stand for three pods, joined by a veth pair; the pods route everything via the node.
     let node = Netns::create("node");
@@ -505,10 +503,9 @@ fn tproxy_delivers_to_the_pod_port_or_falls_back_to_the_shared_listener() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn check_accepts_rendered_output_and_reports_rejections() {
-    if !can_run() {
-        return;
-    }
+    require_privileges();
     let netns = Netns::create("check");
     let nft = Nft::new().unwrap().in_netns(&netns.0).unwrap();
     for capture in [Capture::Tproxy, Capture::Redirect] {
