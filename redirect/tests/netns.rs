@@ -8,13 +8,14 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::num::NonZeroU16;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    AddressFamily, Shutdown, SockFlag, SockType, SockaddrIn, bind, connect, getsockname,
+    setsockopt, shutdown, socket, sockopt,
 };
 use nix::sys::time::{TimeVal, TimeValLike};
 use redirect::{Capture, Error, Nft, RuleSet, TableName};
@@ -125,6 +126,42 @@ fn transparent_listener(port: u16) -> TcpListener {
     setsockopt(&listener, sockopt::IpTransparent, &true).unwrap();
     listener.set_nonblocking(true).unwrap();
     listener
+}
+
+/// Stops `listener` listening now, then closes it.
+///
+/// Closing the fd alone is not enough: the other tests in this file run on parallel threads and
+/// spawn `ip` and `nft`, and a child between its fork and its exec holds a copy of every fd,
+/// this listener too (CLOEXEC closes it only at the exec). The socket then keeps listening
+/// until that copy goes; a SYN arriving meanwhile is sent by TPROXY to the still-listening port
+/// (traced: the `pod_port` rule, not the :15001 one, matched it), the kernel completes the
+/// handshake on it, and the exec's close resets the connection nobody could accept (the client
+/// read ECONNRESET; the test failed so in 5 of 100 runs of this file). `shutdown` ends the
+/// listening state of the socket itself, whoever holds a copy of the fd.
+fn close_listener(listener: TcpListener) {
+    shutdown(listener.as_raw_fd(), Shutdown::Both).unwrap();
+    drop(listener);
+}
+
+/// A port on which nothing listens while the returned socket lives: bound, never listening, so
+/// TPROXY finds no listener there, and held, so the kernel gives its port to no other socket
+/// (a port merely freed again can become the tenant listener's: the kernel picked a freed port
+/// again for the next `bind` to port 0 in 2 of 20000 tries).
+fn reserved_port() -> (OwnedFd, u16) {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+    )
+    .unwrap();
+    let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+    (fd, port)
 }
 
 /// A TCP connection from `src` (one of the pod namespace's addresses) to `dst`; connecting gives
@@ -456,15 +493,11 @@ fn tproxy_delivers_to_the_pod_port_or_falls_back_to_the_shared_listener() {
     ip(&pods, &["link", "set", "eth0", "up"]);
     ip(&pods, &["route", "add", "default", "via", "10.250.0.1"]);
 
-    let (shared, tenant, closed_port) = in_netns(&node, || {
-        // A port nothing listens on: the kernel picked it free, and it is closed again.
-        let closed = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        let closed_port = closed.local_addr().unwrap().port();
-        drop(closed);
+    let (shared, tenant, (_reserved, closed_port)) = in_netns(&node, || {
         (
             transparent_listener(15001),
             transparent_listener(0),
-            closed_port,
+            reserved_port(),
         )
     });
     let tenant_port = tenant.local_addr().unwrap().port();
@@ -496,7 +529,7 @@ fn tproxy_delivers_to_the_pod_port_or_falls_back_to_the_shared_listener() {
     assert_eq!(accepted_by(&pods, &listeners, without_port, dst), "shared");
 
     // The tenant's listener closes: its pod falls back to the shared listener.
-    drop(tenant);
+    close_listener(tenant);
     let listeners = [("shared", &shared)];
     assert_eq!(accepted_by(&pods, &listeners, with_port, dst), "shared");
     nft.remove(&rules).unwrap();
