@@ -89,7 +89,7 @@ impl TenantListeners {
         for shared in &self.shared {
             let addr = SocketAddr::new(shared.ip(), 0);
             match crate::app::bind_with(addr, true) {
-                Ok(l) => listeners.push(Arc::new(l)),
+                Ok(l) => listeners.push(Arc::new(Listening(l))),
                 // Like the shared listener, a host without IPv6 still serves IPv4.
                 Err(e) if addr.is_ipv6() && crate::app::is_no_ipv6(&e.source) => {}
                 Err(e) => return Err(e.into_anyhow(addr, "a tenant listener")),
@@ -97,7 +97,7 @@ impl TenantListeners {
         }
         let addrs = listeners
             .iter()
-            .map(|l| l.local_addr())
+            .map(|l| l.0.local_addr())
             .collect::<std::io::Result<Vec<_>>>()?;
         for listener in listeners {
             let ctx = self.ctx.clone();
@@ -105,6 +105,7 @@ impl TenantListeners {
                 // A new socket handle per worker (the first, or one the supervisor restarted);
                 // the listening socket itself stays open in between.
                 let listener = listener
+                    .0
                     .try_clone()
                     .and_then(tokio::net::TcpListener::from_std);
                 let ctx = ctx.clone();
@@ -143,7 +144,40 @@ impl TenantListeners {
     }
 }
 
+/// A tenant's listening socket, which stops listening the moment its last handle goes (the
+/// pool closed), not when the last copy of its fd is closed: a child the daemon forks to run
+/// `nft` holds copies of every fd until it execs, and for those milliseconds a plain close
+/// would leave the socket listening — a SYN TPROXY sent there would complete its handshake
+/// and then be reset, accepted by nobody (seen in `redirect/tests/netns.rs`).
+#[derive(Debug)]
+struct Listening(std::net::TcpListener);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        // shutdown(2) on a listening socket stops it listening for every fd that shares it.
+        let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Both);
+    }
+}
+
 // The map is left consistent by every writer; a poisoned lock only means a panic elsewhere.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_listener_stops_listening_while_a_copy_of_its_fd_lives_on() {
+        let listener = crate::app::bind_with("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // What a forked child holds until it execs: another fd of the same socket.
+        let copy = listener.try_clone().unwrap();
+        drop(Listening(listener));
+        let err = std::net::TcpStream::connect(addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        drop(copy);
+    }
 }
