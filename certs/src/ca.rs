@@ -7,6 +7,9 @@
 //! (node authorization) is the caller's business: the control plane's `Identity.Certify`, or
 //! the daemon's embedded signer in standalone mode.
 //!
+//! It also signs the serving certificate of the control plane's own listener
+//! ([`crate::serving`]).
+//!
 //! The CA key is the only private key that may be written to disk, and only where the
 //! operator says ([`Ca::load_or_generate`]), with mode 0600.
 //!
@@ -37,7 +40,7 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How far back a certificate's `notBefore` is set, to absorb clock skew between nodes
 /// (capped at a quarter of the lifetime so test certificates of seconds stay meaningful).
-const MAX_BACKDATE: Duration = Duration::from_secs(60);
+pub(crate) const MAX_BACKDATE: Duration = Duration::from_secs(60);
 
 /// A certificate authority for one trust domain.
 pub struct Ca {
@@ -174,6 +177,11 @@ impl Ca {
         &self.root
     }
 
+    /// The signer of the certificates it issues.
+    pub(crate) fn issuer(&self) -> &Issuer<'static, EcKey> {
+        &self.issuer
+    }
+
     /// The root certificate as PEM.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
@@ -282,7 +290,7 @@ pub fn cert_from_pem(pem: &str) -> Result<CertificateDer<'static>> {
 
 /// Kept rather than rcgen's default serial, which is a hash of the public key: a CA's serials
 /// should be unpredictable (CA/Browser Forum: at least 64 bits from a CSPRNG).
-fn random_serial() -> Result<SerialNumber> {
+pub(crate) fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
     aws_lc_rs::rand::fill(&mut bytes)
         .map_err(|_| Error::Crypto("no randomness for a serial number".into()))?;
@@ -291,7 +299,7 @@ fn random_serial() -> Result<SerialNumber> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn rcgen_err(what: &'static str) -> impl Fn(rcgen::Error) -> Error {
+pub(crate) fn rcgen_err(what: &'static str) -> impl Fn(rcgen::Error) -> Error {
     move |e| Error::Ca(format!("cannot {what}: {e}"))
 }
 

@@ -4,7 +4,8 @@
 //! (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`); [`store::CertStore`], the
 //! per-identity store that generates its key inside, sends a CSR to a [`store::Signer`],
 //! rotates, and hands out only rustls configs; [`verify`], the SPIFFE peer checks; [`sni`], the
-//! server name that names an identity on the tunnel; and [`ca::Ca`], the signing logic.
+//! server name that names an identity on the tunnel; [`ca::Ca`], the signing logic; and
+//! [`serving::ServingCert`], the serving certificate of the control plane's own listener.
 //! `certs` is the only crate that holds private keys, and no API returns their bytes.
 //! [`test_util`] (feature `test-util`) has a fake CA for tests.
 //!
@@ -13,6 +14,7 @@
 
 pub mod ca;
 mod key;
+pub mod serving;
 pub mod sni;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
@@ -20,6 +22,7 @@ pub mod test_util;
 pub mod verify;
 
 pub use ca::Ca;
+pub use serving::{ServingCert, ServingNames};
 pub use store::{CertStore, Current, RotationOptions, Signed, Signer};
 
 use std::fmt;
@@ -99,6 +102,16 @@ pub enum Error {
     )]
     InvalidSpiffeId {
         /// The offending input.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A name for a serving certificate is neither an IP address nor a DNS name.
+    #[error(
+        "invalid serving name {value:?}: {reason}; give DNS names (such as nodeproxy-controlplane.nodeproxy-system.svc) or IP addresses"
+    )]
+    InvalidServingName {
+        /// The offending name.
         value: String,
         /// What is wrong with it.
         reason: &'static str,
