@@ -1,6 +1,7 @@
 //! The Kubernetes source and node authentication by TokenReview (feature `kube`).
 //!
-//! Owns [`KubeSource`] and [`TokenReviewAuth`]. The source runs one reflector per kind —
+//! Owns [`KubeSource`] and [`TokenReviewAuth`] (the TokenReview and pod lookup around the
+//! pure [`auth::decide`]: only the daemon's own ServiceAccount speaks for a node). The source runs one reflector per kind —
 //! Namespaces labelled [`MESH_LABEL`]`=`[`MESH_ENABLED`] (a label selector, so removing the
 //! label is a delete), Pods, ServiceAccounts, Services, and our [`TenantPolicy`] and
 //! [`AuthorizationPolicy`] — and, after every change (coalesced for [`DEBOUNCE`]), feeds the
@@ -30,7 +31,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tonic::Status;
 
-use crate::auth::{Authenticator, Caller};
+use crate::auth::{
+    self, Authenticator, Caller, Claimed, NodeTokenRule, Refusal, Refused, ServiceAccountRef,
+};
 use crate::crd::{AuthorizationPolicy, Condition, PolicyStatus, TenantPolicy};
 use crate::error::Problem;
 use crate::feed::Publisher;
@@ -41,12 +44,10 @@ use crate::view::{MESH_ENABLED, MESH_LABEL};
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The audience of the projected service-account token nodes present.
 pub const AUDIENCE: &str = "nodeproxy-controlplane";
-/// The TokenReview `extra` key naming the pod a bound token belongs to.
-pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
-/// The TokenReview `extra` key with that pod's UID.
-pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// Metric: watch errors of the Kubernetes source (counter).
 pub const WATCH_ERRORS_TOTAL: &str = "nodeproxy_controlplane_kube_watch_errors_total";
+/// Metric: node tokens refused, by `reason` ([`Refusal::as_str`], a closed set) (counter).
+pub const NODE_TOKEN_REFUSALS_TOTAL: &str = "nodeproxy_controlplane_node_token_refusals_total";
 
 /// The stores of every kind the source watches.
 #[derive(Clone)]
@@ -303,101 +304,101 @@ async fn set_condition<K>(
     }
 }
 
-/// Node authentication in Kubernetes: the node's daemon presents a projected service-account
-/// token with audience [`AUDIENCE`], bound to its pod; a TokenReview checks it and names the
-/// pod, whose `spec.nodeName` is the node it may speak for.
+/// Node authentication in Kubernetes: a node's daemon presents its pod's projected
+/// service-account token with audience [`AUDIENCE`]. A TokenReview checks the token, a GET
+/// finds the pod it is bound to, and [`auth::decide`] (pure) says whether it may speak for a
+/// node (only the daemon's ServiceAccount, [`auth::DEFAULT_DAEMON_ACCOUNT`] unless configured) and
+/// which: the pod's `spec.nodeName`. Every refusal is logged and counted in
+/// [`NODE_TOKEN_REFUSALS_TOTAL`] by its [`Refusal`].
 #[derive(Clone)]
 pub struct TokenReviewAuth {
     client: Client,
-    audience: String,
+    rule: NodeTokenRule,
 }
 
 impl fmt::Debug for TokenReviewAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenReviewAuth")
-            .field("audience", &self.audience)
+            .field("rule", &self.rule)
             .finish_non_exhaustive()
     }
 }
 
 impl TokenReviewAuth {
-    /// Reviews tokens with `client` for `audience`.
+    /// Reviews tokens with `client` for `audience`; only the ServiceAccount
+    /// [`auth::DEFAULT_DAEMON_ACCOUNT`] may speak for a node.
     pub fn new(client: Client, audience: impl Into<String>) -> Self {
+        Self::with_account(client, audience, ServiceAccountRef::default())
+    }
+
+    /// Like [`TokenReviewAuth::new`], with the daemon's ServiceAccount `account`.
+    pub fn with_account(
+        client: Client,
+        audience: impl Into<String>,
+        account: ServiceAccountRef,
+    ) -> Self {
         Self {
             client,
-            audience: audience.into(),
+            rule: NodeTokenRule {
+                account,
+                audience: audience.into(),
+            },
         }
     }
 
     async fn review(&self, token: &str) -> Result<Caller, Status> {
+        let verdict = self.check(token).await;
+        if let Err(refused) = &verdict {
+            metrics::counter!(NODE_TOKEN_REFUSALS_TOTAL, "reason" => refused.reason.as_str())
+                .increment(1);
+            tracing::warn!(
+                reason = refused.reason.as_str(),
+                seen = %refused.seen,
+                expected = %self.rule.account,
+                "node token refused: {}",
+                refused.message
+            );
+        }
+        verdict.map_err(|refused| refused.status())
+    }
+
+    /// The I/O around [`auth::decide`]: the TokenReview, then the bound pod's lookup.
+    async fn check(&self, token: &str) -> Result<Caller, Refused> {
+        let unavailable = |message: String| Refused {
+            reason: Refusal::Unavailable,
+            seen: "nothing (the kubernetes api could not be asked)".to_owned(),
+            message,
+        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
-                audiences: Some(vec![self.audience.clone()]),
+                audiences: Some(vec![self.rule.audience.clone()]),
             },
             ..Default::default()
         };
-        let api: Api<TokenReview> = Api::all(self.client.clone());
-        let reviewed = api
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| {
-                Status::unavailable(format!(
-                    "cannot review the token with the kubernetes api: {e}"
+                unavailable(format!(
+                    "cannot review the token with the kubernetes api: {e}; retry, and check the \
+                     control plane may create tokenreviews"
                 ))
             })?;
         let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            return Err(Status::unauthenticated(format!(
-                "the kubernetes api rejected the token ({}); present a projected service-account \
-                 token with audience {}",
-                status.error.as_deref().unwrap_or("not authenticated"),
-                self.audience
-            )));
-        }
-        let user = status.user.unwrap_or_default();
-        let extra = user.extra.unwrap_or_default();
-        let one = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
-        let (Some(pod_name), pod_uid) = (one(POD_NAME_EXTRA), one(POD_UID_EXTRA)) else {
-            return Err(Status::permission_denied(
-                "the token is not bound to a pod; mount a projected service-account token in the \
-                 nodeproxy daemon's pod",
-            ));
-        };
-        // system:serviceaccount:<namespace>:<name>
-        let username = user.username.unwrap_or_default();
-        let namespace = username
-            .strip_prefix("system:serviceaccount:")
-            .and_then(|rest| rest.split(':').next())
-            .ok_or_else(|| {
-                Status::permission_denied(format!("{username:?} is not a service account"))
-            })?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let pod = pods
-            .get_opt(&pod_name)
+        let claimed = Claimed::read(token);
+        let bound = auth::bound_pod(&status, &claimed, &self.rule)?;
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &bound.namespace)
+            .get_opt(&bound.name)
             .await
             .map_err(|e| {
-                Status::unavailable(format!("cannot look up pod {namespace}/{pod_name}: {e}"))
-            })?
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "the token's pod {namespace}/{pod_name} no longer exists"
+                unavailable(format!(
+                    "cannot look up the token's pod {}/{}: {e}; retry, and check the control \
+                     plane may get pods",
+                    bound.namespace, bound.name
                 ))
             })?;
-        if pod_uid.is_some() && pod.metadata.uid != pod_uid {
-            return Err(Status::permission_denied(format!(
-                "the token's pod {namespace}/{pod_name} was replaced; use the new pod's token"
-            )));
-        }
-        pod.spec
-            .and_then(|s| s.node_name)
-            .filter(|n| !n.is_empty())
-            .map(Caller::Node)
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "the token's pod {namespace}/{pod_name} is not scheduled to a node yet"
-                ))
-            })
+        auth::decide(&status, &claimed, pod.as_ref(), &self.rule)
     }
 }
 
