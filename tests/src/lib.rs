@@ -1,15 +1,17 @@
 //! `nodeproxy_tests`: fixtures for the workspace's integration tests and benchmarks.
 //!
-//! Owns: the privilege gate for tests that need root ([`privileged`]), unique namespace prefixes
-//! so such tests run in parallel ([`unique_prefix`]), running the `nodeproxy` binary inside a
+//! Owns: the gate of tests that need root ([`require_privileges`]), unique namespace prefixes so
+//! such tests run in parallel ([`unique_prefix`]), running the `nodeproxy` binary inside a
 //! network namespace ([`Daemon`]), a topology with a config file for a daemon on its node
-//! ([`NodeLab`]), and small TCP helpers that run inside namespaces ([`tcp_echo_server`],
-//! [`tcp_roundtrip`]). Topologies themselves come from [`nodeproxy::lab::topology`], re-exported
-//! here.
+//! ([`NodeLab`]), a control plane for daemons started with `--control-plane`
+//! ([`start_control_plane`]), and small TCP helpers that run inside namespaces
+//! ([`tcp_echo_server`], [`tcp_roundtrip`], [`wait_for_listener`]). Topologies themselves come
+//! from [`nodeproxy::lab::topology`], re-exported here.
 //!
 //! Must not touch: the host namespace's firewall, routes or sysctls. Everything privileged
 //! happens inside namespaces a [`Topology`] created.
 
+pub mod control_plane;
 pub mod daemon;
 pub mod net;
 
@@ -20,9 +22,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tempfile::TempDir;
 
+pub use control_plane::{ControlPlaneFiles, start_control_plane};
 pub use daemon::{Daemon, http_get};
-pub use net::{EchoServer, Seen, tcp_connect, tcp_echo_server, tcp_roundtrip};
+pub use net::{EchoServer, Seen, tcp_connect, tcp_echo_server, tcp_roundtrip, wait_for_listener};
 pub use nodeproxy::lab::topology::{Netns, Topology, TopologyError, TopologySpec};
+
+/// The port `iperf3 -s` listens on unless told otherwise.
+pub const IPERF3_PORT: u16 = 5201;
+/// How long to wait for a server process to listen ([`wait_for_listener`]).
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Benchmarks only: one iperf3 single-stream run from inside `ns` to an `iperf3 -s` at
 /// `server`, for `secs` seconds; the received bits per second.
@@ -54,7 +62,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct NodeLab {
     /// The node and its pods.
     pub topo: Topology,
-    /// The view file the daemons read (`--config`); tests may rewrite it and send SIGHUP.
+    /// The view file the daemons read (`--config`); tests may rewrite it (the daemon re-reads it
+    /// every `--config-poll-secs`, and at once on SIGHUP).
     pub config: PathBuf,
     // Held so the view file lives as long as the lab.
     _dir: TempDir,
@@ -114,14 +123,21 @@ impl NodeLab {
     /// Starts the daemon with its admin and metrics endpoints on the node's loopback (ports
     /// 15000 and 15020) and `--capture <capture>`, and waits until it is ready.
     pub fn start(&self, capture: &str) -> anyhow::Result<Daemon> {
-        let mut daemon = self.spawn(&[
+        self.start_with(capture, &[])
+    }
+
+    /// Like [`NodeLab::start`], with `extra` arguments (e.g. `["--config-poll-secs", "0"]`).
+    pub fn start_with(&self, capture: &str, extra: &[&str]) -> anyhow::Result<Daemon> {
+        let mut args = vec![
             "--admin-addr",
             ADMIN,
             "--metrics-addr",
             METRICS,
             "--capture",
             capture,
-        ])?;
+        ];
+        args.extend_from_slice(extra);
+        let mut daemon = self.spawn(&args)?;
         daemon.wait_ready(READY_TIMEOUT)?;
         Ok(daemon)
     }
@@ -129,31 +145,48 @@ impl NodeLab {
 
 use nodeproxy::lab::topology::{is_root, which};
 
-/// True if this test can use network namespaces and nftables: we are root and `ip` and `nft`
-/// are installed. Otherwise the test should return early: this prints why it is skipped, or,
-/// under `CI=true`, panics, because privileged tests must fail rather than skip in CI.
-pub fn privileged(test: &str) -> bool {
+/// Panics unless this test can use network namespaces and nftables: we are root and `ip`,
+/// `nsenter` and `nft` are installed. The message names what is missing and how to get it.
+///
+/// Every test that calls it is `#[ignore = "privileged: ..."]`, so a plain `cargo test` lists it
+/// as ignored; once asked to run (`--include-ignored`, as `scripts/test.sh` does as root) it
+/// must run, never pass by skipping.
+pub fn require_privileges() {
     let mut missing = Vec::new();
     if !is_root() {
-        missing.push("root");
+        missing.push("root (run as root: `sudo scripts/test.sh`)".to_owned());
     }
-    if which("ip").is_none() {
-        missing.push("`ip` (apt-get install iproute2)");
-    }
-    if which("nft").is_none() {
-        missing.push("`nft` (apt-get install nftables)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let missing = missing.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "{test} needs root, ip and nft; missing: {missing} (privileged tests fail under CI)"
-        );
-    }
-    eprintln!("skipping {test}: needs root, ip and nft (missing: {missing})");
-    false
+    missing.extend(missing_tools(&[
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("nft", "nftables"),
+    ]));
+    assert!(
+        missing.is_empty(),
+        "this privileged test needs root, ip, nsenter and nft; missing: {}. \
+         scripts/test.sh installs the tools (scripts/install-deps.sh) and, as root, runs the \
+         privileged tests with --include-ignored",
+        missing.join(", ")
+    );
+}
+
+/// Panics unless every `(tool, Debian package)` in `tools` is on `PATH`, naming the packages to
+/// install: for privileged tests that run more than [`require_privileges`] checks.
+pub fn require_tools(tools: &[(&str, &str)]) {
+    let missing = missing_tools(tools);
+    assert!(
+        missing.is_empty(),
+        "this test needs {}; scripts/install-deps.sh installs them",
+        missing.join(", ")
+    );
+}
+
+fn missing_tools(tools: &[(&str, &str)]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|(tool, _)| which(tool).is_none())
+        .map(|(tool, package)| format!("`{tool}` (apt-get install {package})"))
+        .collect()
 }
 
 /// A short topology prefix unique to this process and call: the first two alphanumeric

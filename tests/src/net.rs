@@ -177,3 +177,56 @@ pub fn tcp_roundtrip(
         Ok(reply)
     })
 }
+
+/// Waits until a socket in `ns` listens on TCP `port` (any address, either family), polling the
+/// namespace's `/proc/net/tcp` and `tcp6` until `timeout`: for servers started as processes
+/// (`iperf3 -s`), which do not say when they listen.
+pub fn wait_for_listener(ns: &Netns, port: u16, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tables = ns.run(|| {
+            ["tcp", "tcp6"].map(|t| std::fs::read_to_string(format!("/proc/thread-self/net/{t}")))
+        })?;
+        let mut listening = false;
+        for table in tables {
+            listening |= listens_on(&table?, port);
+        }
+        if listening {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "nothing listens on TCP port {port} in netns {} after {timeout:?}",
+                    ns.name()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True if a `/proc/net/tcp{,6}` listing has a socket in state LISTEN (`0A`) on local `port`.
+fn listens_on(table: &str, port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        matches!(fields.as_slice(), [_, local, _, "0A", ..] if local.ends_with(&port))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_found_by_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+            0: 00000000:1451 00000000:0000 0A 00000000:00000000\n\
+            1: 0100007F:1F90 0100007F:C350 01 00000000:00000000\n";
+        assert!(listens_on(table, 5201));
+        assert!(!listens_on(table, 8080), "established, not listening");
+        assert!(!listens_on(table, 0x51), "the port is the whole field");
+    }
+}

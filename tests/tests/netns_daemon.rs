@@ -1,7 +1,8 @@
 //! Privileged tier: the real daemon binary in a node network namespace, real nftables rules,
 //! pods in their own namespaces sending real TCP through it.
 //!
-//! Skips without root locally; fails under `CI=true` when it cannot run.
+//! Every test is `#[ignore]`d (it needs root, `ip` and `nft`): `scripts/test.sh` runs them as root
+//! with `--include-ignored`, and once asked to run, a test that cannot panics saying why.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use nodeproxy::admin_client::metric_sum;
 use nodeproxy_tests::{
-    NodeLab, Topology, privileged, tcp_connect, tcp_echo_server, tcp_roundtrip, unique_prefix,
+    NodeLab, Topology, require_privileges, tcp_connect, tcp_echo_server, tcp_roundtrip,
+    unique_prefix,
 };
 
 const ALPHA: &str = "spiffe://cluster.local/ns/shop/sa/alpha";
@@ -78,18 +80,16 @@ fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn captures_meshed_pods_relays_per_tenant_and_cleans_up() {
-    if !privileged("captures_meshed_pods_relays_per_tenant_and_cleans_up") {
-        return;
-    }
+    require_privileges();
     captures_relays_and_cleans_up("tproxy");
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn redirect_capture_still_works() {
-    if !privileged("redirect_capture_still_works") {
-        return;
-    }
+    require_privileges();
     captures_relays_and_cleans_up("redirect");
 }
 
@@ -98,7 +98,10 @@ fn redirect_capture_still_works() {
 fn captures_relays_and_cleans_up(capture: &str) {
     let lab = NodeLab::dual_stack(unique_prefix(&format!("n{capture}")), 3, &view(false)).unwrap();
     let topo = &lab.topo;
-    let mut daemon = lab.start(capture).unwrap();
+    // Never polled: only SIGHUP makes it re-read the view file (below).
+    let mut daemon = lab
+        .start_with(capture, &["--config-poll-secs", "0"])
+        .unwrap();
     let routing = policy_routing(topo);
     if capture == "tproxy" {
         assert!(
@@ -216,7 +219,8 @@ fn captures_relays_and_cleans_up(capture: &str) {
         "{alpha}"
     );
 
-    // Meshing `plain` on the running daemon (SIGHUP reloads the file): pod 3 is captured from
+    // Meshing `plain` on the running daemon: SIGHUP has the embedded control plane re-read the
+    // file at once (with --config-poll-secs 0 nothing else would), and pod 3 is captured from
     // now on, by a set update, without reloading the table.
     std::fs::write(&lab.config, view(true)).unwrap();
     nix::sys::signal::kill(
@@ -270,10 +274,9 @@ fn captures_relays_and_cleans_up(capture: &str) {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
-    if !privileged("a_crashed_daemons_rules_are_replaced_at_the_next_start") {
-        return;
-    }
+    require_privileges();
     let lab = NodeLab::create(unique_prefix("nc"), 2, &view(false)).unwrap();
     let topo = &lab.topo;
 
@@ -321,10 +324,9 @@ fn a_crashed_daemons_rules_are_replaced_at_the_next_start() {
 /// At SIGTERM the daemon stops capturing new connections but drains the ones it holds: with
 /// TPROXY their packets still reach its sockets (the transparent-socket rule) until it closes.
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn connections_open_at_shutdown_keep_working_while_the_daemon_drains() {
-    if !privileged("connections_open_at_shutdown_keep_working_while_the_daemon_drains") {
-        return;
-    }
+    require_privileges();
     use std::io::{Read, Write};
     let lab = NodeLab::create(unique_prefix("nt"), 2, &view(false)).unwrap();
     let topo = &lab.topo;
@@ -394,10 +396,9 @@ fn connections_open_at_shutdown_keep_working_while_the_daemon_drains() {
 /// in both capture modes. With TPROXY, a DNAT after the capture would move the flow away from
 /// its socket (the connection is reset); the `keep_destination` chain prevents it.
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn a_service_dnat_like_kube_proxys_still_works_through_the_capture() {
-    if !privileged("a_service_dnat_like_kube_proxys_still_works_through_the_capture") {
-        return;
-    }
+    require_privileges();
     for capture in ["tproxy", "redirect"] {
         let lab = NodeLab::create(unique_prefix(&format!("s{capture}")), 2, &view(false)).unwrap();
         let topo = &lab.topo;
@@ -458,10 +459,9 @@ fn a_service_dnat_like_kube_proxys_still_works_through_the_capture() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn a_missing_nft_binary_is_a_clear_error_and_leaves_nothing() {
-    if !privileged("a_missing_nft_binary_is_a_clear_error_and_leaves_nothing") {
-        return;
-    }
+    require_privileges();
     let lab = NodeLab::create(unique_prefix("nn"), 1, &view(false)).unwrap();
     let topo = &lab.topo;
     let mut d = lab.spawn(&["--nft", "/nonexistent/nft"]).unwrap();

@@ -1,6 +1,9 @@
 //! Privileged self-test of the netns topology and the fixtures: pods reach each other only
 //! through the node, nothing else is reachable, the host is untouched, and cleanup works, also
 //! after a crashed run.
+//!
+//! Every test is `#[ignore]`d (it needs root, `ip` and `nft`): `scripts/test.sh` runs them as root
+//! with `--include-ignored`, and once asked to run, a test that cannot panics saying why.
 #![allow(clippy::unwrap_used)]
 
 use std::io::ErrorKind;
@@ -8,8 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use nodeproxy_tests::{
-    Daemon, Netns, Topology, TopologySpec, privileged, tcp_echo_server, tcp_roundtrip,
-    unique_prefix,
+    Daemon, Netns, Topology, TopologySpec, require_privileges, tcp_echo_server, tcp_roundtrip,
+    unique_prefix, wait_for_listener,
 };
 
 fn spec(prefix: &str, pods: usize, ipv6: bool) -> TopologySpec {
@@ -41,10 +44,9 @@ fn read_in(ns: &Netns, path: &str) -> String {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn pods_reach_each_other_through_the_node_and_nothing_else() {
-    if !privileged("pods_reach_each_other_through_the_node_and_nothing_else") {
-        return;
-    }
+    require_privileges();
     let host_forward4 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
     let host_forward6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap();
     let prefix = unique_prefix("tp");
@@ -119,10 +121,9 @@ fn pods_reach_each_other_through_the_node_and_nothing_else() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn create_replaces_namespaces_left_by_a_crashed_run() {
-    if !privileged("create_replaces_namespaces_left_by_a_crashed_run") {
-        return;
-    }
+    require_privileges();
     let prefix = unique_prefix("tc");
     let crashed = Topology::create(spec(&prefix, 2, false)).unwrap();
     // A process a crashed run left behind would keep the namespace alive.
@@ -154,10 +155,9 @@ fn create_replaces_namespaces_left_by_a_crashed_run() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn netns_threads_run_inside_and_report_missing_namespaces() {
-    if !privileged("netns_threads_run_inside_and_report_missing_namespaces") {
-        return;
-    }
+    require_privileges();
     let topo = Topology::create(spec(&unique_prefix("tn"), 1, false)).unwrap();
     let inside = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let seen = topo
@@ -183,10 +183,9 @@ fn netns_threads_run_inside_and_report_missing_namespaces() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
 fn daemon_captures_logs_reports_early_exit_and_stops() {
-    if !privileged("daemon_captures_logs_reports_early_exit_and_stops") {
-        return;
-    }
+    require_privileges();
     let topo = Topology::create(spec(&unique_prefix("td"), 1, false)).unwrap();
 
     let mut quitter =
@@ -207,4 +206,27 @@ fn daemon_captures_logs_reports_early_exit_and_stops() {
     let status = sleeper.stop().unwrap();
     assert!(!status.success());
     assert_eq!(sleeper.stop().unwrap(), status);
+}
+
+#[test]
+#[ignore = "privileged: needs root, ip and nft; scripts/test.sh runs it as root (--include-ignored)"]
+fn wait_for_listener_sees_listeners_in_its_namespace_only() {
+    require_privileges();
+    let topo = Topology::create(spec(&unique_prefix("tl"), 2, true)).unwrap();
+    let v4 = tcp_echo_server(topo.pod(1), SocketAddr::new(topo.pod_ip(1).into(), 0)).unwrap();
+    let v6 = tcp_echo_server(topo.pod(1), SocketAddr::from(([0u16; 8], 0))).unwrap();
+    let short = Duration::from_millis(200);
+    for port in [v4.local_addr().port(), v6.local_addr().port()] {
+        wait_for_listener(topo.pod(1), port, short).unwrap();
+        let err = wait_for_listener(topo.pod(2), port, short).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    }
+    // A connected socket on the port is no listener.
+    let port = v4.local_addr().port();
+    let _conn = nodeproxy_tests::tcp_connect(topo.pod(1), None, v4.local_addr()).unwrap();
+    // Accepted (not just queued, which closing the listener would reset), then not listening.
+    assert_eq!(v4.wait_for(1, Duration::from_secs(5)).len(), 1);
+    drop(v4);
+    let err = wait_for_listener(topo.pod(1), port, short).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
 }

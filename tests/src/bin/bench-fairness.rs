@@ -19,7 +19,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nodeproxy_tests::{Daemon, Netns, Topology, TopologySpec, nodeproxy_bin, unique_prefix};
+use nodeproxy_tests::{
+    Daemon, IPERF3_PORT, LISTEN_TIMEOUT, Netns, Topology, TopologySpec, nodeproxy_bin,
+    unique_prefix, wait_for_listener,
+};
 
 /// Pods: 1 victim client (tenant A), 2 victim server, 3 bulk client (tenant B), 4 bulk server;
 /// 5 → 6, a client and server outside the mesh (not in the view: never captured), the control.
@@ -98,8 +101,20 @@ fn main() -> anyhow::Result<()> {
     for pod in [2, 4, 6] {
         spawn_in(pod, &me, &["echo-server", &ECHO_PORT.to_string()])?;
     }
-    spawn_in(4, Path::new("iperf3"), &["-s", "-p", "5201"])?;
-    std::thread::sleep(Duration::from_millis(500));
+    spawn_in(
+        4,
+        Path::new("iperf3"),
+        &["-s", "-p", &IPERF3_PORT.to_string()],
+    )?;
+    // The echo server binds all its ports before it serves: its last one listening means all do.
+    let last_echo_port = ECHO_PORT + ECHO_PORTS - 1;
+    let servers = [(2, SOCKPERF_PORT), (6, SOCKPERF_PORT), (4, IPERF3_PORT)]
+        .into_iter()
+        .chain([2, 4, 6].map(|pod| (pod, last_echo_port)));
+    for (pod, port) in servers {
+        wait_for_listener(topo.pod(pod), port, LISTEN_TIMEOUT)
+            .with_context(|| format!("pod {pod}'s server on port {port} did not start"))?;
+    }
 
     let dir = tempfile::tempdir()?;
     let view = dir.path().join("view.yaml");

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nodeproxy::lab::twonode::{Side, TwoNodes};
-use nodeproxy_tests::{Daemon, iperf3_bps, nodeproxy_bin, tcp_echo_server, unique_prefix};
+use nodeproxy_tests::{
+    Daemon, IPERF3_PORT, LISTEN_TIMEOUT, iperf3_bps, nodeproxy_bin, tcp_echo_server, unique_prefix,
+    wait_for_listener,
+};
 
 fn view(t: &TwoNodes) -> String {
     let pod = |name: &str, node: &str, side: Side| {
@@ -52,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         .spawn()
         .context("start iperf3 -s (install iperf3)")?;
     let mut iperf_server = KillOnDrop(iperf_server);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_listener(&topo.pod(Side::B, 1), IPERF3_PORT, LISTEN_TIMEOUT)?;
 
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("view.yaml");

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use nodeproxy_tests::{Daemon, Topology, TopologySpec, iperf3_bps, nodeproxy_bin, unique_prefix};
+use nodeproxy_tests::{
+    Daemon, IPERF3_PORT, LISTEN_TIMEOUT, Topology, TopologySpec, iperf3_bps, nodeproxy_bin,
+    unique_prefix, wait_for_listener,
+};
 
 const VIEW: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {nodeproxy.io/mesh: enabled}}\n\
 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: bench}\n\
@@ -39,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         .spawn()
         .context("start iperf3 -s (install iperf3)")?;
     topo.track(server);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_listener(topo.pod(2), IPERF3_PORT, LISTEN_TIMEOUT)?;
 
     let dir = tempfile::tempdir()?;
     let view = dir.path().join("view.yaml");
