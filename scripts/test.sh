@@ -50,6 +50,8 @@ if ! tests/kube/build.sh; then
 fi
 echo "== CRDs up to date (manifests/crds)"
 cargo test -q -p controlplane --features kube --test crds
+echo "== manifests render and validate (Kubernetes 1.20 schemas)"
+scripts/check-manifests.sh
 echo "== tests"
 # The privileged tests start the real daemon binary.
 cargo build -q -p nodeproxy --bins
