@@ -3,8 +3,11 @@
 //! `tests/kube/start.sh`). One API server for the whole file, steps in order: the opt-in label
 //! meshes a namespace's pods on a watching node, pod create/delete arrive as deltas, our CRDs
 //! reach the view (and a conflicting TenantPolicy gets `Accepted=False`), TokenReview accepts
-//! a real bound token and refuses a forged one or another node's view, and the API server
-//! stopped and restarted: the node keeps its last view meanwhile and the source recovers.
+//! a real bound token and refuses a forged one or another node's view, only the daemon's own
+//! ServiceAccount speaks for a node (another pod's token on the same node, a token of another
+//! audience and one bound to a deleted pod are refused for `Watch` and `Certify`, each naming
+//! the account, each counted), and the API server stopped and restarted: the node keeps its
+//! last view meanwhile and the source recovers.
 //!
 //! Absences (pods of an unlabelled namespace, a change while the API server is down) are
 //! asserted only after a positive signal: a later pod the source must see after the ones that
@@ -19,13 +22,17 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use controlplane::api::NodeRequest;
 use controlplane::api::discovery_client::DiscoveryClient;
+use controlplane::api::identity_client::IdentityClient;
+use controlplane::api::{CertifyRequest, NodeRequest};
+use controlplane::auth::{Authenticator as _, Caller};
 use controlplane::client::{self, Backoff, ClientConfig, Token, VersionedView};
 use controlplane::crd::{AllowedIdentity, AuthorizationPolicy, AuthorizationPolicySpec};
 use controlplane::crd::{TenantPolicy, TenantPolicySpec};
 use controlplane::feed::Publisher;
-use controlplane::kubernetes::{AUDIENCE, KubeSource, TokenReviewAuth, WATCH_ERRORS_TOTAL};
+use controlplane::kubernetes::{
+    AUDIENCE, KubeSource, NODE_TOKEN_REFUSALS_TOTAL, TokenReviewAuth, WATCH_ERRORS_TOTAL,
+};
 use controlplane::view::Mode;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
@@ -224,13 +231,21 @@ fn remote(v: &VersionedView) -> Vec<String> {
         .collect()
 }
 
-/// A projected-style token for the daemon pod `pod` (service account `nodeproxy`), bound to
-/// the pod, with our audience: what the kubelet would mount.
+/// A projected-style token of `pod`'s service account, bound to `pod`, with our audience:
+/// what the kubelet would mount.
 async fn bound_token(c: &Client, pod: &Pod) -> String {
-    let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), "nodeproxy-system");
+    token_for(c, pod, AUDIENCE).await
+}
+
+/// A token of `pod`'s service account, bound to `pod`, for `audience` (what the kubelet
+/// mounts for a projected volume with that audience).
+async fn token_for(c: &Client, pod: &Pod, audience: &str) -> String {
+    let ns = pod.metadata.namespace.as_deref().unwrap();
+    let sa = pod.spec.as_ref().unwrap().service_account_name.as_deref();
+    let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), ns);
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![AUDIENCE.into()],
+            audiences: vec![audience.into()],
             expiration_seconds: Some(3600),
             bound_object_ref: Some(BoundObjectReference {
                 kind: Some("Pod".into()),
@@ -241,7 +256,7 @@ async fn bound_token(c: &Client, pod: &Pod) -> String {
         },
         ..Default::default()
     };
-    sas.create_token_request("nodeproxy", &PostParams::default(), &request)
+    sas.create_token_request(sa.unwrap(), &PostParams::default(), &request)
         .await
         .unwrap()
         .status
@@ -249,11 +264,193 @@ async fn bound_token(c: &Client, pod: &Pod) -> String {
         .token
 }
 
-fn watch_request(node: &str, token: &str) -> tonic::Request<NodeRequest> {
-    let mut r = tonic::Request::new(NodeRequest { node: node.into() });
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
     r.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
+}
+
+fn watch_request(node: &str, token: &str) -> tonic::Request<NodeRequest> {
+    with_token(NodeRequest { node: node.into() }, token)
+}
+
+/// The identity of app1's pods (`web-0` runs on node-a).
+const WEB: &str = "spiffe://cluster.local/ns/app1/sa/web";
+
+fn certify_request(token: &str) -> tonic::Request<CertifyRequest> {
+    let csr_pem = certs::test_util::csr_pem(WEB);
+    let identity = WEB.to_owned();
+    with_token(
+        CertifyRequest {
+            csr_pem,
+            identity,
+            validity_seconds: 0,
+        },
+        token,
+    )
+}
+
+async fn create_service_account(c: &Client, ns: &str, name: &str) {
+    Api::<ServiceAccount>::namespaced(c.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: meta(name, Some(ns)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn refusals(reason: &str) -> f64 {
+    counter(NODE_TOKEN_REFUSALS_TOTAL, &[("reason", reason)])
+}
+
+/// `token` is refused for both node-a's `Watch` and a `Certify` of an identity with a pod on
+/// node-a, each with one of the `answers` (a code and the refusal reason it is counted
+/// under), each message containing every one of `parts`.
+async fn refused_for_watch_and_certify(
+    endpoint: &str,
+    token: &str,
+    answers: &[(tonic::Code, &str)],
+    parts: &[&str],
+) {
+    let before: Vec<f64> = answers.iter().map(|(_, reason)| refusals(reason)).collect();
+    let mut expected = before.clone();
+    let mut discovery = DiscoveryClient::connect(endpoint.to_owned()).await.unwrap();
+    let mut identity = IdentityClient::connect(endpoint.to_owned()).await.unwrap();
+    let watched = discovery.watch(watch_request("node-a", token)).await;
+    let certified = identity.certify(certify_request(token)).await;
+    for (call, err) in [("watch", watched.err()), ("certify", certified.err())] {
+        let err = err.unwrap_or_else(|| panic!("{call} accepted a token that must be refused"));
+        let Some(i) = answers.iter().position(|(code, _)| *code == err.code()) else {
+            panic!("{call}: {err:?} is none of {answers:?}");
+        };
+        expected[i] += 1.0;
+        for part in parts {
+            assert!(
+                err.message().contains(part),
+                "{call}: {:?} lacks {part:?}",
+                err.message()
+            );
+        }
+    }
+    let counted: Vec<f64> = answers.iter().map(|(_, reason)| refusals(reason)).collect();
+    assert_eq!(
+        counted, expected,
+        "{answers:?}: one count per call, from {before:?}"
+    );
+}
+
+/// Only the daemon's own ServiceAccount speaks for a node. The daemon's token certifies an
+/// identity of a pod on its node; another pod's token on the same node, the daemon's token
+/// for another audience, and its token bound to a pod since deleted are refused for both
+/// `Watch` and `Certify`, naming the account.
+async fn only_the_daemon_speaks_for_a_node(c: &Client, endpoint: &str, token_a: &str) {
+    let auth = TokenReviewAuth::new(c.clone(), AUDIENCE);
+    assert_eq!(
+        auth.authenticate(token_a).await.unwrap(),
+        Caller::Node("node-a".into())
+    );
+    let mut identity = IdentityClient::connect(endpoint.to_owned()).await.unwrap();
+    let signed = identity
+        .certify(certify_request(token_a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!signed.cert_chain_pem.is_empty(), "{signed:?}");
+
+    // Another pod on node-a, of another account, with a valid token of our audience.
+    Api::<Namespace>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: meta("intruder", None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    create_service_account(c, "intruder", "web").await;
+    let intruder = create_pod(c, "intruder", "web-0", "node-a", "web", None).await;
+    let intruder_token = bound_token(c, &intruder).await;
+    refused_for_watch_and_certify(
+        endpoint,
+        &intruder_token,
+        &[(tonic::Code::PermissionDenied, "wrong_account")],
+        &[
+            "token of system:serviceaccount:intruder:web: only nodeproxy-system/nodeproxy may \
+           speak for a node",
+        ],
+    )
+    .await;
+
+    // The daemon's own token, bound to its own pod, for another audience.
+    let daemon_a = Api::<Pod>::namespaced(c.clone(), "nodeproxy-system")
+        .get("nodeproxy-a")
+        .await
+        .unwrap();
+    let other_audience = token_for(c, &daemon_a, "some-other-service").await;
+    refused_for_watch_and_certify(
+        endpoint,
+        &other_audience,
+        &[(tonic::Code::Unauthenticated, "not_authenticated")],
+        &[
+            "\"system:serviceaccount:nodeproxy-system:nodeproxy\", audiences \
+             [\"some-other-service\"]",
+            "with audience nodeproxy-controlplane may speak for a node",
+        ],
+    )
+    .await;
+
+    // The daemon's token, bound to a daemon pod on node-a that was accepted, then deleted.
+    let gone = create_pod(
+        c,
+        "nodeproxy-system",
+        "nodeproxy-gone",
+        "node-a",
+        "nodeproxy",
+        None,
+    )
+    .await;
+    let gone_token = bound_token(c, &gone).await;
+    assert_eq!(
+        auth.authenticate(&gone_token).await.unwrap(),
+        Caller::Node("node-a".into())
+    );
+    let pods: Api<Pod> = Api::namespaced(c.clone(), "nodeproxy-system");
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    pods.delete("nodeproxy-gone", &now).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pods.get_opt("nodeproxy-gone").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "pod nodeproxy-gone never went away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The API server caches a token's successful review for 10 s (measured on 1.20: it
+    // authenticated this token for 10 s after the delete, then answered "Token has been
+    // invalidated"), so within that window only the control plane's own lookup refuses it
+    // (pod_missing); later the API server does (not_authenticated). Either way, refused.
+    refused_for_watch_and_certify(
+        endpoint,
+        &gone_token,
+        &[
+            (tonic::Code::PermissionDenied, "pod_missing"),
+            (tonic::Code::Unauthenticated, "not_authenticated"),
+        ],
+        &[
+            "system:serviceaccount:nodeproxy-system:nodeproxy",
+            "nodeproxy-system/nodeproxy-gone",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,16 +501,7 @@ async fn control_plane_against_a_real_kube_apiserver() {
             .await
             .unwrap();
     }
-    Api::<ServiceAccount>::namespaced(c.clone(), "nodeproxy-system")
-        .create(
-            &PostParams::default(),
-            &ServiceAccount {
-                metadata: meta("nodeproxy", Some("nodeproxy-system")),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    create_service_account(&c, "nodeproxy-system", "nodeproxy").await;
     let daemon_a = create_pod(
         &c,
         "nodeproxy-system",
@@ -331,10 +519,12 @@ async fn control_plane_against_a_real_kube_apiserver() {
     let auth = Arc::new(TokenReviewAuth::new(c.clone(), AUDIENCE));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(controlplane::server::serve(
+    let ca = Arc::new(certs::Ca::generate("cluster.local").unwrap());
+    tokio::spawn(controlplane::server::serve_with_ca(
         listener,
         feed,
         auth,
+        Some(ca),
         std::future::pending(),
     ));
 
@@ -409,6 +599,7 @@ async fn control_plane_against_a_real_kube_apiserver() {
         v.view.tenants[0].weight, 100,
         "default weight without a TenantPolicy"
     );
+    only_the_daemon_speaks_for_a_node(&c, &endpoint, &token_a).await;
 
     // Pod create and delete arrive as deltas.
     create_pod(&c, "app1", "web-2", "node-a", "web", Some("10.200.1.3")).await;
