@@ -1,6 +1,13 @@
 //! The node's Discovery client: watch this node's view, keep it current, survive outages.
 //!
-//! Owns [`ClientConfig`], [`Backoff`] and [`run`]. [`run`] connects, sends `Watch` with the
+//! Owns [`Target`] (a control plane's address and the CA bundle that verifies it: what every
+//! client of the control plane connects with, Certify too), [`Token`], [`ClientError`],
+//! [`ClientConfig`], [`Backoff`] and [`run`]. A remote control plane is reached over TLS
+//! (`https://`), its serving certificate verified against the CA bundle (re-read at every
+//! connect, so a rotated bundle is picked up); a bearer token crosses plain text (`http://`)
+//! only to the daemon's in-process server on loopback. A failed handshake is explained: a
+//! certificate from another CA, an expired one, one for other names, a server without TLS.
+//! [`run`] connects, sends `Watch` with the
 //! node's bearer token (re-read from its file on every connect, so rotated projected tokens
 //! work), applies the snapshot and deltas to a [`WireView`] and publishes each complete
 //! [`NodeView`] with its version. When the stream breaks it keeps the last published view,
@@ -10,18 +17,23 @@
 //!
 //! Must not touch: the data path (the caller applies views), Kubernetes clients.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
+use rustls::CertificateError;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::api::NodeRequest;
 use crate::api::discovery_client::DiscoveryClient;
 use crate::convert::WireView;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::view::NodeView;
 
 /// Metric: the version of the view last applied (gauge).
@@ -49,6 +61,416 @@ pub enum Token {
     File(PathBuf),
     /// None (the server will refuse; useful in tests).
     None,
+}
+
+impl Token {
+    /// Reads the token (a file at every call) and sets `authorization: Bearer <token>` on
+    /// `request`; with [`Token::None`] nothing.
+    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), ClientError> {
+        let (token, from) = match self {
+            Token::None => return Ok(()),
+            Token::Fixed(token) => (token.clone(), "the given token".to_owned()),
+            Token::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ClientError::Token {
+                    from: format!("file {}", path.display()),
+                    reason: format!("cannot read it ({e}); check --control-plane-token-file"),
+                })?;
+                (text.trim().to_owned(), format!("file {}", path.display()))
+            }
+        };
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Token {
+                from,
+                reason: "it is not valid header text (one line of printable ASCII)".to_owned(),
+            })?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(())
+    }
+}
+
+/// Why a client of the control plane cannot use it: each names the value and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The address is not a usable URL.
+    #[error("control plane address {url:?}: {reason}; use https://host:port")]
+    Address {
+        /// The address as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `https://` without a CA bundle to verify the server with.
+    #[error(
+        "control plane {url}: TLS needs the control plane's CA bundle to verify it; give \
+         --control-plane-ca FILE (NODEPROXY_CONTROL_PLANE_CA), the CA certificate of \
+         nodeproxy-controlplane (its --ca-cert file)"
+    )]
+    NoCaBundle {
+        /// The address.
+        url: String,
+    },
+    /// A CA bundle given for a plain-text address.
+    #[error(
+        "control plane {url}: the CA bundle {} is given but http:// is plain text and would not \
+         use it; use https://", path.display()
+    )]
+    CaWithoutTls {
+        /// The address.
+        url: String,
+        /// The bundle.
+        path: PathBuf,
+    },
+    /// The CA bundle is missing, unreadable or holds no usable certificate.
+    #[error("control plane CA bundle {}: {reason}", path.display())]
+    CaBundle {
+        /// The bundle file.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        reason: String,
+    },
+    /// A bearer token would cross plain text.
+    #[error(
+        "control plane {url}: the bearer token is sent only over TLS, and http:// is plain text; \
+         use https://host:15012 with --control-plane-ca (a control plane started with \
+         --insecure-plaintext cannot take tokens)"
+    )]
+    TokenInClear {
+        /// The address.
+        url: String,
+    },
+    /// The token cannot be read or sent.
+    #[error("bearer token ({from}): {reason}")]
+    Token {
+        /// Where it comes from.
+        from: String,
+        /// What is wrong, and the fix.
+        reason: String,
+    },
+    /// The TLS handshake failed; the reason says why and what to do.
+    #[error("TLS to the control plane at {url}: {reason}")]
+    Tls {
+        /// The address.
+        url: String,
+        /// What failed, and the fix.
+        reason: String,
+    },
+    /// No connection (refused, unreachable, timed out, no such host).
+    #[error("cannot connect to the control plane at {url}: {reason}")]
+    Connect {
+        /// The address.
+        url: String,
+        /// The cause.
+        reason: String,
+    },
+}
+
+/// A control plane's address and how to trust it: what every client of it (the Watch client,
+/// the daemon's Certify signer) connects with.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Target {
+    /// `https://host:port`; `http://` only for the in-process server on loopback.
+    pub url: String,
+    /// The CA bundle (PEM) the server's certificate must chain to; required with `https://`
+    /// and re-read at every connect.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl From<&str> for Target {
+    /// An address without a CA bundle (plain text, unless it says `https://`).
+    fn from(url: &str) -> Self {
+        Self::new(url, None)
+    }
+}
+
+impl From<String> for Target {
+    fn from(url: String) -> Self {
+        Self::new(url, None)
+    }
+}
+
+impl From<&String> for Target {
+    fn from(url: &String) -> Self {
+        Self::new(url.as_str(), None)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Target {
+    /// `url`, verified against the bundle in `ca_file` when it is `https://`.
+    pub fn new(url: impl Into<String>, ca_file: Option<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file,
+        }
+    }
+
+    /// Checks everything that can be checked without connecting: the address, that `https://`
+    /// has a readable bundle of certificates and `http://` none, and that `token` would
+    /// cross TLS (or, a fixed token only, plain text to loopback: the in-process server).
+    pub fn check(&self, token: &Token) -> Result<(), ClientError> {
+        let (tls, host) = self.parse()?;
+        match (tls, &self.ca_file) {
+            (true, None) => {
+                return Err(ClientError::NoCaBundle {
+                    url: self.url.clone(),
+                });
+            }
+            (true, Some(path)) => {
+                load_bundle(path)?;
+            }
+            (false, Some(path)) => {
+                return Err(ClientError::CaWithoutTls {
+                    url: self.url.clone(),
+                    path: path.clone(),
+                });
+            }
+            (false, None) => {}
+        }
+        let in_clear = match token {
+            Token::None => false,
+            Token::File(_) => !tls,
+            Token::Fixed(_) => !tls && !is_loopback(&host),
+        };
+        if in_clear {
+            return Err(ClientError::TokenInClear {
+                url: self.url.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Connects: TLS verified against the bundle (read now) for `https://`. `configure` sets
+    /// timeouts and keep-alives. A failed handshake is explained (another CA, expired, other
+    /// names, no TLS there).
+    pub async fn connect(
+        &self,
+        configure: impl FnOnce(Endpoint) -> Endpoint,
+    ) -> Result<Channel, ClientError> {
+        let (tls, _) = self.parse()?;
+        let mut endpoint = Endpoint::from_shared(self.url.clone()).map_err(|e| self.bad(e))?;
+        if tls {
+            let path = self
+                .ca_file
+                .as_deref()
+                .ok_or_else(|| ClientError::NoCaBundle {
+                    url: self.url.clone(),
+                })?;
+            let roots = load_bundle(path)?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().trust_anchors(roots.roots))
+                .map_err(|e| self.bad(e))?;
+        }
+        configure(endpoint)
+            .connect()
+            .await
+            .map_err(|e| self.explain(&e))
+    }
+
+    /// Whether the address speaks TLS, and its host.
+    fn parse(&self) -> Result<(bool, String), ClientError> {
+        let endpoint = Endpoint::from_shared(self.url.clone()).map_err(|e| self.bad(e))?;
+        let uri = endpoint.uri();
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(ClientError::Address {
+                    url: self.url.clone(),
+                    reason: "the scheme must be https:// (or http:// for a plain-text server)"
+                        .to_owned(),
+                });
+            }
+        };
+        let host = uri.host().unwrap_or_default().to_owned();
+        if host.is_empty() {
+            return Err(ClientError::Address {
+                url: self.url.clone(),
+                reason: "it names no host".to_owned(),
+            });
+        }
+        Ok((tls, host))
+    }
+
+    fn bad(&self, e: impl fmt::Display) -> ClientError {
+        ClientError::Address {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Turns a connect failure into what happened and what to do.
+    fn explain(&self, e: &tonic::transport::Error) -> ClientError {
+        let url = self.url.clone();
+        let chain = error_chain(e);
+        if let Some(tls) = find_rustls(e) {
+            let bundle = self
+                .ca_file
+                .as_deref()
+                .map_or_else(|| "the CA bundle".to_owned(), |p| p.display().to_string());
+            return ClientError::Tls {
+                url,
+                reason: explain_tls(tls, &bundle),
+            };
+        }
+        let refused =
+            find_io(e).is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        let reason = if refused {
+            format!(
+                "{chain}: nothing listens there; check the address (--control-plane) and that the control plane runs"
+            )
+        } else {
+            chain
+        };
+        ClientError::Connect { url, reason }
+    }
+}
+
+/// What a failed TLS handshake means for an operator, and the fix. Pure: table-tested.
+fn explain_tls(e: &rustls::Error, bundle: &str) -> String {
+    let clocks = "check the clocks of this node and of the control plane";
+    match e {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
+                "its serving certificate is not signed by a CA in {bundle}: the control plane's \
+                 CA differs from this bundle; give --control-plane-ca the control plane's CA \
+                 certificate (its --ca-cert file)"
+            ),
+            CertificateError::ExpiredContext { time, not_after } => format!(
+                "its serving certificate expired {} s ago (notAfter {} Unix seconds); the \
+                 control plane reissues it at half its lifetime, so {clocks}",
+                time.as_secs().saturating_sub(not_after.as_secs()),
+                not_after.as_secs()
+            ),
+            CertificateError::Expired => {
+                format!(
+                    "its serving certificate expired; the control plane reissues it at half its lifetime, so {clocks}"
+                )
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                format!("its serving certificate is not valid yet; {clocks}")
+            }
+            CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            } => format!(
+                "its serving certificate is for {}, not {}: dial it by one of those names, or \
+                 add this one to the control plane's --serving-names",
+                presented
+                    .iter()
+                    .map(|name| plain_name(name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                expected.to_str()
+            ),
+            CertificateError::NotValidForName => "its serving certificate is not for this \
+                address: dial it by one of its --serving-names, or add this one there"
+                .to_owned(),
+            other => format!("its serving certificate is refused ({other:?})"),
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "it does not answer in TLS: is it a plain-text server (--insecure-plaintext), or \
+             not the control plane? Use the address of its TLS port"
+                .to_owned()
+        }
+        other => format!("the handshake failed ({other})"),
+    }
+}
+
+/// A name as webpki presents it (`DnsName("a.svc")`, `IpAddress(10.0.0.1)`), plainly.
+fn plain_name(presented: &str) -> &str {
+    ["DnsName(", "IpAddress("]
+        .iter()
+        .find_map(|kind| presented.strip_prefix(kind)?.strip_suffix(')'))
+        .map_or(presented, |name| name.trim_matches('"'))
+}
+
+/// The first rustls error in `e`'s chain (tokio-rustls wraps it in an `io::Error`, whose
+/// `source` skips it, so each `io::Error` is looked into too).
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// The first I/O error in `e`'s chain.
+fn find_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// `e` and its causes, joined by `: `, each said once.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// Reads a PEM bundle of CA certificates: at least one, each usable as a trust anchor.
+fn load_bundle(path: &Path) -> Result<rustls::RootCertStore, ClientError> {
+    let bad = |reason: String| ClientError::CaBundle {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        bad(format!(
+            "cannot read it ({e}); give --control-plane-ca the control plane's CA certificate \
+             (PEM; in Kubernetes the ConfigMap that holds it)"
+        ))
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("it is not PEM ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("a certificate in it is unusable ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(
+            "it holds no CERTIFICATE; give the control plane's CA certificate (PEM)".to_owned(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// Whether `host` (from a URI: IPv6 in brackets) is this machine's loopback.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reconnect pacing: capped exponential backoff with jitter, so that nodes that lost the
@@ -122,8 +544,8 @@ impl Delays {
 /// How to reach the control plane.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `http://host:port`.
-    pub endpoint: String,
+    /// The control plane and how to trust it.
+    pub target: Target,
     /// This node's name.
     pub node: String,
     /// The bearer token.
@@ -136,9 +558,9 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// A config with default backoff and timeouts.
-    pub fn new(endpoint: impl Into<String>, node: impl Into<String>, token: Token) -> Self {
+    pub fn new(target: impl Into<Target>, node: impl Into<String>, token: Token) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            target: target.into(),
             node: node.into(),
             token,
             backoff: Backoff::default(),
@@ -146,31 +568,17 @@ impl ClientConfig {
         }
     }
 
-    fn channel_endpoint(&self) -> Result<Endpoint> {
-        Endpoint::from_shared(self.endpoint.clone())
-            .map(|e| {
-                e.connect_timeout(self.connect_timeout)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .keep_alive_while_idle(true)
-            })
-            .map_err(|e| Error::Endpoint {
-                endpoint: self.endpoint.clone(),
-                reason: e.to_string(),
-            })
+    /// Checks the target and that the token would cross TLS ([`Target::check`]).
+    pub fn check(&self) -> Result<(), ClientError> {
+        self.target.check(&self.token)
     }
 
-    fn token(&self) -> Result<Option<String>> {
-        match &self.token {
-            Token::Fixed(t) => Ok(Some(t.clone())),
-            Token::None => Ok(None),
-            Token::File(path) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| Error::TokenFile {
-                    path: path.clone(),
-                    reason: format!("cannot read it: {e}"),
-                }),
-        }
+    fn configure(&self, endpoint: Endpoint) -> Endpoint {
+        endpoint
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
     }
 }
 
@@ -178,9 +586,9 @@ impl ClientConfig {
 #[derive(Debug, thiserror::Error)]
 enum WatchEnd {
     #[error(transparent)]
-    Local(#[from] Error),
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    View(#[from] Error),
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("the control plane ended the stream")]
@@ -188,16 +596,18 @@ enum WatchEnd {
 }
 
 /// Watches the node's view forever, publishing each complete view into `tx`. Returns when
-/// every receiver of `tx` is gone. Checks the endpoint first.
+/// every receiver of `tx` is gone. Checks the target first ([`ClientConfig::check`]): what
+/// cannot work is an error at once; what may heal (the server, the bundle's file, the token's
+/// file) is retried, the last view kept.
 pub async fn run(
     config: ClientConfig,
     tx: watch::Sender<Option<Arc<VersionedView>>>,
-) -> Result<()> {
-    let endpoint = config.channel_endpoint()?;
+) -> Result<(), ClientError> {
+    config.check()?;
     let mut delays = config.backoff.delays();
     loop {
         let result = tokio::select! {
-            r = watch_once(&config, &endpoint, &tx, &mut delays) => r,
+            r = watch_once(&config, &tx, &mut delays) => r,
             () = tx.closed() => return Ok(()),
         };
         let err = match result {
@@ -208,7 +618,7 @@ pub async fn run(
         let delay = delays.next();
         let have_view = tx.borrow().is_some();
         tracing::warn!(
-            endpoint = %config.endpoint, error = %err, retry_in = ?delay,
+            endpoint = %config.target, error = %err, retry_in = ?delay,
             keeping_last_view = have_view,
             "control plane watch failed"
         );
@@ -221,25 +631,15 @@ pub async fn run(
 
 async fn watch_once(
     config: &ClientConfig,
-    endpoint: &Endpoint,
     tx: &watch::Sender<Option<Arc<VersionedView>>>,
     delays: &mut Delays,
 ) -> Result<(), WatchEnd> {
-    let token = config.token()?;
-    let channel = endpoint.connect().await?;
-    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
     let mut request = tonic::Request::new(NodeRequest {
         node: config.node.clone(),
     });
-    if let Some(token) = token {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Error::Endpoint {
-                endpoint: config.endpoint.clone(),
-                reason: "the token is not valid metadata text".to_owned(),
-            })?;
-        request.metadata_mut().insert("authorization", value);
-    }
+    config.token.authorize(&mut request)?;
+    let channel = config.target.connect(|e| config.configure(e)).await?;
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
     let mut stream = client.watch(request).await?.into_inner();
     let mut wire: Option<WireView> = None;
     while let Some(update) = stream.message().await? {
@@ -278,6 +678,7 @@ async fn watch_once(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::BTreeSet;
 
@@ -312,6 +713,160 @@ mod tests {
         let (low, high) = (MS * low as u32, MS * high as u32);
         let slack = high / 100_000;
         d + slack >= low && d < high + slack
+    }
+
+    #[test]
+    fn tokens_cross_only_tls_but_the_in_process_token_may_cross_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca.pem");
+        let ca = certs::Ca::generate("cluster.local").unwrap();
+        std::fs::write(&bundle, ca.root_pem()).unwrap();
+        let file = Token::File(dir.path().join("token"));
+        let fixed = Token::Fixed("t".into());
+        let tls = |url: &str| Target::new(url, Some(bundle.clone()));
+        let plain = |url: &str| Target::from(url);
+        // (target, token, None: accepted / Some(what the error says))
+        let cases = [
+            (tls("https://cp:15012"), &file, None),
+            (tls("https://cp:15012"), &fixed, None),
+            (plain("http://127.0.0.1:1"), &fixed, None),
+            (plain("http://[::1]:1"), &fixed, None),
+            (plain("http://localhost:1"), &fixed, None),
+            (plain("http://cp:15012"), &Token::None, None),
+            (plain("http://127.0.0.1:1"), &file, Some("only over TLS")),
+            (plain("http://cp:15012"), &fixed, Some("only over TLS")),
+            (
+                plain("http://10.0.0.1:15012"),
+                &fixed,
+                Some("only over TLS"),
+            ),
+            (
+                plain("https://cp:15012"),
+                &Token::None,
+                Some("--control-plane-ca FILE"),
+            ),
+            (tls("http://cp:15012"), &Token::None, Some("use https://")),
+            (
+                plain("ftp://cp:15012"),
+                &Token::None,
+                Some("the scheme must be https://"),
+            ),
+            (
+                plain("https://"),
+                &Token::None,
+                Some("control plane address \"https://\""),
+            ),
+        ];
+        for (target, token, want) in cases {
+            let got = target.check(token);
+            match (want, got) {
+                (None, Ok(())) => {}
+                (Some(want), Err(e)) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(want),
+                        "{target} {token:?}: {want:?} not in {msg}"
+                    );
+                    assert!(msg.contains(&target.url), "{target}: {msg}");
+                }
+                (want, got) => panic!("{target} {token:?}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_is_sent_as_a_bearer_header_read_from_its_file_at_each_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let header = |token: &Token| {
+            let mut request = tonic::Request::new(());
+            token.authorize(&mut request).map(|()| {
+                request
+                    .metadata()
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_owned())
+            })
+        };
+        let file = Token::File(path.clone());
+        let err = header(&file).unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("cannot read"),
+            "{err}"
+        );
+        std::fs::write(&path, "abc\n").unwrap();
+        assert_eq!(header(&file).unwrap().as_deref(), Some("Bearer abc"));
+        std::fs::write(&path, "rotated").unwrap();
+        assert_eq!(header(&file).unwrap().as_deref(), Some("Bearer rotated"));
+        assert_eq!(header(&Token::None).unwrap(), None);
+        let err = header(&Token::Fixed("a\nb".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid header text"), "{err}");
+    }
+
+    #[test]
+    fn each_tls_failure_names_its_cause_and_fix() {
+        use rustls::pki_types::{ServerName, UnixTime};
+        let bundle = "/etc/nodeproxy/ca.pem";
+        let at = |secs| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        let cert = |e| rustls::Error::InvalidCertificate(e);
+        let cases = [
+            (
+                cert(CertificateError::UnknownIssuer),
+                vec![
+                    bundle,
+                    "the control plane's CA differs",
+                    "--control-plane-ca",
+                ],
+            ),
+            (
+                cert(CertificateError::BadSignature),
+                vec![bundle, "the control plane's CA differs"],
+            ),
+            (
+                cert(CertificateError::ExpiredContext {
+                    time: at(1_000_090),
+                    not_after: at(1_000_000),
+                }),
+                vec!["expired 90 s ago", "notAfter 1000000", "clocks"],
+            ),
+            (cert(CertificateError::Expired), vec!["expired", "clocks"]),
+            (
+                cert(CertificateError::NotValidYet),
+                vec!["not valid yet", "clocks"],
+            ),
+            (
+                cert(CertificateError::NotValidForNameContext {
+                    expected: ServerName::try_from("10.0.0.1").unwrap(),
+                    presented: vec![
+                        "DnsName(\"cp.nodeproxy-system.svc\")".into(),
+                        "IpAddress(10.0.0.2)".into(),
+                    ],
+                }),
+                vec![
+                    "for cp.nodeproxy-system.svc, 10.0.0.2, not 10.0.0.1",
+                    "--serving-names",
+                ],
+            ),
+            (
+                cert(CertificateError::NotValidForName),
+                vec!["--serving-names"],
+            ),
+            (
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+                vec!["does not answer in TLS", "--insecure-plaintext"],
+            ),
+            (
+                rustls::Error::NoApplicationProtocol,
+                vec!["the handshake failed"],
+            ),
+        ];
+        for (e, wants) in cases {
+            let msg = explain_tls(&e, bundle);
+            for want in wants {
+                assert!(msg.contains(want), "{e:?}: {want:?} not in {msg}");
+            }
+        }
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! into one node's [`NodeView`] (local and remote meshed [`Workload`]s, services, policies,
 //! tenant settings). [`error`] collects every configuration problem into one [`Error`].
 //! With feature `client`: [`api`] (generated gRPC types), [`convert`] (view ⇄ wire, deltas)
-//! and [`client`] (the node's Watch client). With `server`: [`server`] (Discovery, Identity,
-//! health, reflection), [`auth`] (bootstrap tokens), [`ca`] (Identity, a stub) and [`feed`]
-//! (publication and the file watcher). With `kube`: [`kubernetes`] (watchers, TokenReview,
+//! and [`client`] (the node's Watch client, and [`client::Target`]: how every client reaches
+//! and verifies the control plane over TLS). With `server`: [`server`] (Discovery, Identity,
+//! health, reflection v1 and v1alpha, over TLS or, in-process, plain text), [`auth`]
+//! (bootstrap tokens), [`ca`] (Identity) and [`feed`] (publication and the file watcher). With `kube`: [`kubernetes`] (watchers, TokenReview,
 //! status conditions).
 //!
 //! Must not touch: the data path, the environment. Only this crate links `kube`, and only with

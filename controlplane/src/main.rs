@@ -1,5 +1,6 @@
 //! `nodeproxy-controlplane`: serves per-node views over gRPC on 15012 from the Kubernetes API
-//! or a file, and prints our CRDs (`nodeproxy-controlplane crds`). Wiring only.
+//! or a file, over TLS with a serving certificate from its own CA, and prints our CRDs
+//! (`nodeproxy-controlplane crds`). Wiring only.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use controlplane::auth::{Authenticator, BootstrapTokens};
 use controlplane::feed::{FileInput, Publisher};
 use controlplane::kubernetes::{AUDIENCE, KubeSource, TokenReviewAuth};
+use controlplane::server::Transport;
 use controlplane::view::Mode;
 
 /// The nodeproxy control plane.
@@ -65,13 +67,31 @@ struct ServeArgs {
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "NODEPROXY_TRUST_DOMAIN", default_value = certs::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    /// CA certificate (PEM) for `Identity.Certify`; with --ca-key. Loaded if both files exist,
-    /// else generated and written there. Without them, Certify answers UNIMPLEMENTED.
+    /// CA certificate (PEM); with --ca-key. Loaded if both files exist, else generated and
+    /// written there. The CA signs the serving certificate of --listen and, for
+    /// `Identity.Certify`, workload certificates; nodes verify the control plane against this
+    /// file (--control-plane-ca). Required unless --insecure-plaintext (then, without it,
+    /// Certify answers UNIMPLEMENTED).
     #[arg(long, env = "NODEPROXY_CP_CA_CERT", requires = "ca_key")]
     ca_cert: Option<PathBuf>,
     /// CA key (PEM, PKCS#8), see --ca-cert.
     #[arg(long, env = "NODEPROXY_CP_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// The names nodes dial the control plane by (comma-separated DNS names or IP addresses):
+    /// the serving certificate of --listen is valid for exactly these.
+    #[arg(
+        long,
+        env = "NODEPROXY_CP_SERVING_NAMES",
+        value_delimiter = ',',
+        default_values = controlplane::server::DEFAULT_SERVING_NAMES,
+        conflicts_with = "insecure_plaintext"
+    )]
+    serving_names: Vec<String>,
+    /// Serve gRPC in plain text, without TLS. Nodes then refuse to send their tokens, and
+    /// anyone on the path could read the views: for local experiments only (logged as a
+    /// warning).
+    #[arg(long, env = "NODEPROXY_CP_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// Lifetime of issued workload certificates, seconds.
     #[arg(
         long,
@@ -108,6 +128,15 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     certs::Identity::new(&args.trust_domain, "x", "x")
         .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            certs::Ca::load_or_generate(&args.trust_domain, cert, key)?
+                .with_lifetime(Duration::from_secs(args.cert_lifetime_secs)),
+        )),
+        _ => None,
+    };
+    // Before anything starts: a control plane that cannot serve TLS does not serve.
+    let transport = transport(&args, ca.as_ref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -161,14 +190,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        let ca = match (&args.ca_cert, &args.ca_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(
-                certs::Ca::load_or_generate(&args.trust_domain, cert, key)?
-                    .with_lifetime(Duration::from_secs(args.cert_lifetime_secs)),
-            )),
-            _ => None,
-        };
-        controlplane::server::serve_with_ca(listener, feed, auth, ca, shutdown).await?;
+        controlplane::server::serve_on(listener, transport, feed, auth, ca, shutdown).await?;
         anyhow::Ok(())
     })
+}
+
+/// TLS with a serving certificate from the CA for --serving-names, unless --insecure-plaintext.
+fn transport(args: &ServeArgs, ca: Option<&Arc<certs::Ca>>) -> anyhow::Result<Transport> {
+    if args.insecure_plaintext {
+        tracing::warn!(
+            listen = %args.listen,
+            "--insecure-plaintext: serving gRPC without TLS; nodes will not send their tokens and \
+             anyone on the path can read the views. Use it only for local experiments"
+        );
+        return Ok(Transport::Plaintext);
+    }
+    let (Some(ca), Some(ca_cert)) = (ca, &args.ca_cert) else {
+        anyhow::bail!(
+            "--ca-cert and --ca-key are required: the control plane's CA signs the serving \
+             certificate of {} (nodes verify it with --control-plane-ca); give both paths \
+             (generated there on first start when absent), or --insecure-plaintext for a local \
+             experiment",
+            args.listen
+        );
+    };
+    let names = certs::ServingNames::parse(&args.serving_names).context("--serving-names")?;
+    let serving =
+        certs::ServingCert::new(ca.clone(), names, certs::serving::DEFAULT_SERVING_LIFETIME)
+            .context("cannot issue the serving certificate")?;
+    tracing::info!(
+        listen = %args.listen, names = %serving.names(), ca = %ca_cert.display(),
+        "serving gRPC over TLS; nodes verify it with --control-plane-ca {}", ca_cert.display()
+    );
+    Ok(Transport::Tls(serving.server_config()?))
 }

@@ -1,7 +1,14 @@
 //! The gRPC server: Discovery (per-node view streams), Identity ([`crate::ca`]), the standard
-//! health service and server reflection, on one listener.
+//! health service and server reflection (v1 and v1alpha, for older clients such as Python's
+//! `grpcio-reflection`), on one listener.
 //!
-//! Owns [`DiscoveryService`] and [`serve`]. Each Watch authenticates the caller
+//! Owns [`DiscoveryService`], [`Transport`] and [`serve_on`]. A remote control plane speaks
+//! TLS ([`Transport::Tls`], with `certs::ServingCert`'s config): each accepted connection is
+//! handshaken on a task of its own (bounded by a timeout, so a silent client holds nothing
+//! but its task) before gRPC sees it, and a client that does not speak TLS — a plain-text
+//! gRPC client included — is refused at the handshake, before any request is read. Plain
+//! text ([`Transport::Plaintext`]) is for the daemon's in-process channel on loopback and
+//! explicit experiments. Each Watch authenticates the caller
 //! ([`crate::auth`]), checks it may speak for the node it names, then runs a small task per
 //! stream: on every publication of the [`Feed`] it cuts the node's view from the shared
 //! translation, diffs it against what this stream last sent and sends the delta (the first
@@ -11,9 +18,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
@@ -35,6 +44,29 @@ pub const PUSHES_TOTAL: &str = "nodeproxy_controlplane_pushes_total";
 pub const PUSH_LATENCY: &str = "nodeproxy_controlplane_push_latency_seconds";
 /// Metric: bytes of updates sent, by `kind` (counter).
 pub const PUSH_BYTES_TOTAL: &str = "nodeproxy_controlplane_push_bytes_total";
+/// Metric: connections refused at the TLS handshake, by `reason` (`tls`: not TLS or a
+/// failed handshake, `timeout`) (counter).
+pub const TLS_REFUSED_TOTAL: &str = "nodeproxy_controlplane_tls_refused_total";
+
+/// The names of the serving certificate unless configured otherwise: the control plane's
+/// Service in `nodeproxy-system`, short and fully qualified.
+pub const DEFAULT_SERVING_NAMES: [&str; 2] = [
+    "nodeproxy-controlplane.nodeproxy-system.svc",
+    "nodeproxy-controlplane.nodeproxy-system.svc.cluster.local",
+];
+
+/// How long a connection may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the listener speaks.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// TLS with this server config (a remote control plane: `certs::ServingCert::server_config`).
+    Tls(Arc<rustls::ServerConfig>),
+    /// Plain text: the daemon's in-process channel on loopback, or an explicit experiment
+    /// (`--insecure-plaintext`). Bearer tokens cross it in clear.
+    Plaintext,
+}
 
 /// The Discovery service.
 #[derive(Debug, Clone)]
@@ -150,20 +182,36 @@ async fn stream_view(
     tracing::info!(%node, "watch stream closed");
 }
 
-/// Serves Discovery, Identity, health and reflection on `listener` until `shutdown` resolves.
-/// Identity answers `UNIMPLEMENTED` (no CA); see [`serve_with_ca`].
+/// Serves Discovery, Identity, health and reflection in plain text on `listener` until
+/// `shutdown` resolves (the in-process channel, tests on loopback). Identity answers
+/// `UNIMPLEMENTED` (no CA); see [`serve_on`].
 pub async fn serve(
     listener: TcpListener,
     feed: Feed,
     auth: Arc<dyn Authenticator>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    serve_with_ca(listener, feed, auth, None, shutdown).await
+    serve_on(listener, Transport::Plaintext, feed, auth, None, shutdown).await
 }
 
-/// Like [`serve`]; with `ca`, `Identity.Certify` signs for identities of the caller's pods.
+/// Like [`serve`], in plain text; with `ca`, `Identity.Certify` signs for identities of the
+/// caller's pods.
 pub async fn serve_with_ca(
     listener: TcpListener,
+    feed: Feed,
+    auth: Arc<dyn Authenticator>,
+    ca: Option<Arc<certs::Ca>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve_on(listener, Transport::Plaintext, feed, auth, ca, shutdown).await
+}
+
+/// Serves Discovery, Identity, health and reflection on `listener`, speaking `transport`,
+/// until `shutdown` resolves. With `ca`, `Identity.Certify` signs for identities of the
+/// caller's pods; without, it answers `UNIMPLEMENTED`.
+pub async fn serve_on(
+    listener: TcpListener,
+    transport: Transport,
     feed: Feed,
     auth: Arc<dyn Authenticator>,
     ca: Option<Arc<certs::Ca>>,
@@ -177,51 +225,122 @@ pub async fn serve_with_ca(
     health
         .set_serving::<DiscoveryServer<DiscoveryService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Io {
-            what: "cannot build the reflection service".to_owned(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    let reflection_error = |e: tonic_reflection::server::Error| Error::Io {
+        what: "cannot build the reflection service".to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    // v1alpha too: Python's grpcio-reflection and older grpcurl speak only that.
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "control plane serving");
     // Graceful shutdown waits for open calls; Watch streams never end by themselves.
     let (closing_tx, closing) = watch::channel(false);
     let shutdown = async move {
         shutdown.await;
         let _ = closing_tx.send(true);
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(DiscoveryServer::new(DiscoveryService {
             feed,
             auth: auth.clone(),
             closing,
         }))
-        .add_service(IdentityServer::new(identity))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| Error::Io {
-            what: format!("control plane server on {addr:?}"),
-            source: std::io::Error::other(e.to_string()),
-        })
+        .add_service(IdentityServer::new(identity));
+    let served = match transport {
+        Transport::Tls(config) => {
+            tracing::info!(?addr, "control plane serving over TLS");
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, config), shutdown)
+                .await
+        }
+        Transport::Plaintext => {
+            tracing::info!(?addr, "control plane serving in plain text");
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| Error::Io {
+        what: format!("control plane server on {addr:?}"),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
-/// Starts a server with the file source on `listener`, on the current runtime: the file
-/// watcher (polling every `poll`) and the gRPC server. The daemon's standalone mode runs this
-/// in-process. The task ends with an error if the server fails.
+/// Reflection over our API and the health service.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The connections of `listener` that completed a TLS handshake with `config`. Each handshake
+/// runs on a task of its own, so a slow or silent client delays nobody else; a failed one is
+/// counted and logged with the peer's address, and the connection closed.
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // The server stopped taking connections: close the listener.
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or memory: wait instead of spinning.
+                    tracing::warn!(error = %e, "control plane cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        metrics::counter!(TLS_REFUSED_TOTAL, "reason" => "tls").increment(1);
+                        tracing::info!(
+                            %peer, error = %e,
+                            "refused a connection at the TLS handshake (clients must use \
+                             https:// and trust this control plane's CA)"
+                        );
+                    }
+                    Err(_) => {
+                        metrics::counter!(TLS_REFUSED_TOTAL, "reason" => "timeout").increment(1);
+                        tracing::info!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Starts a server with the file source on `listener`, speaking `transport`, on the current
+/// runtime: the file watcher (polling every `poll`) and the gRPC server. The task ends with an
+/// error if the server fails.
 pub fn spawn_with_file(
     listener: TcpListener,
+    transport: Transport,
     input: crate::feed::FileInput,
     trust_domain: &str,
     auth: Arc<dyn Authenticator>,
-    poll: std::time::Duration,
+    poll: Duration,
 ) -> tokio::task::JoinHandle<Result<()>> {
     spawn_with_file_on(
         listener,
+        transport,
         input,
         trust_domain,
         auth,
@@ -229,9 +348,11 @@ pub fn spawn_with_file(
     )
 }
 
-/// Like [`spawn_with_file`], re-reading the file when `rereads` says.
+/// Like [`spawn_with_file`], re-reading the file when `rereads` says. The daemon's standalone
+/// mode runs this in-process, in plain text on loopback.
 pub fn spawn_with_file_on(
     listener: TcpListener,
+    transport: Transport,
     input: crate::feed::FileInput,
     trust_domain: &str,
     auth: Arc<dyn Authenticator>,
@@ -239,5 +360,12 @@ pub fn spawn_with_file_on(
 ) -> tokio::task::JoinHandle<Result<()>> {
     let (publisher, feed) = crate::feed::Publisher::new(trust_domain, crate::view::Mode::Strict);
     tokio::spawn(crate::feed::watch_file_on(input, publisher, rereads));
-    tokio::spawn(serve(listener, feed, auth, std::future::pending()))
+    tokio::spawn(serve_on(
+        listener,
+        transport,
+        feed,
+        auth,
+        None,
+        std::future::pending(),
+    ))
 }

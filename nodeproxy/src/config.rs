@@ -85,12 +85,18 @@ pub struct RunArgs {
     /// The nft binary.
     #[arg(long, env = "NODEPROXY_NFT", default_value = "nft")]
     pub nft: PathBuf,
-    /// A remote control plane (`http://host:15012`) to watch this node's view from, instead of
-    /// running one in-process over --config or the embedded view. Needs --node.
+    /// A remote control plane (`https://host:15012`) to watch this node's view from, and to
+    /// have workload certificates signed by, instead of running one in-process over --config
+    /// or the embedded view. Needs --node and, for TLS, --control-plane-ca.
     #[arg(long, env = "NODEPROXY_CONTROL_PLANE", conflicts_with = "config")]
     pub control_plane: Option<String>,
+    /// The CA bundle (PEM) that verifies --control-plane's serving certificate: the control
+    /// plane's CA certificate (its --ca-cert; in Kubernetes a ConfigMap). Re-read at every
+    /// connect.
+    #[arg(long, env = "NODEPROXY_CONTROL_PLANE_CA", requires = "control_plane")]
+    pub control_plane_ca: Option<PathBuf>,
     /// The bearer token for --control-plane, read at every connect: a bootstrap token, or the
-    /// projected service-account token (audience nodeproxy-controlplane).
+    /// projected service-account token (audience nodeproxy-controlplane). Sent only over TLS.
     #[arg(
         long,
         env = "NODEPROXY_CONTROL_PLANE_TOKEN_FILE",
@@ -231,10 +237,20 @@ pub enum ViewSource {
 /// A remote control plane.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ControlPlane {
-    /// `http://host:port`.
-    pub endpoint: String,
+    /// `https://host:port` and the CA bundle that verifies it.
+    pub endpoint: controlplane::client::Target,
     /// Where the bearer token is read from at every connect.
     pub token_file: Option<PathBuf>,
+}
+
+impl ControlPlane {
+    /// The token the clients send.
+    pub fn token(&self) -> controlplane::client::Token {
+        self.token_file.clone().map_or(
+            controlplane::client::Token::None,
+            controlplane::client::Token::File,
+        )
+    }
 }
 
 /// `--capture` values: how captured connections reach the outbound listener.
@@ -366,21 +382,21 @@ impl Config {
     }
 }
 
-/// `--control-plane` and its token.
+/// `--control-plane`, the CA bundle that verifies it, and its token: the address parses, the
+/// bundle is readable and holds certificates, the token would cross only TLS.
 fn control_plane(args: &RunArgs, errors: &mut Vec<String>) -> Option<ControlPlane> {
-    let endpoint = args.control_plane.clone()?;
+    let url = args.control_plane.clone()?;
     if args.node.is_none() {
-        errors.push(format!("--node (NODEPROXY_NODE) is required with --control-plane {endpoint}: name the node whose view to watch"));
+        errors.push(format!("--node (NODEPROXY_NODE) is required with --control-plane {url}: name the node whose view to watch"));
     }
-    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-        errors.push(format!(
-            "--control-plane {endpoint:?}: use http://host:port"
-        ));
-    }
-    Some(ControlPlane {
-        endpoint,
+    let cp = ControlPlane {
+        endpoint: controlplane::client::Target::new(url, args.control_plane_ca.clone()),
         token_file: args.control_plane_token_file.clone(),
-    })
+    };
+    if let Err(e) = cp.endpoint.check(&cp.token()) {
+        errors.push(format!("--control-plane: {e}"));
+    }
+    Some(cp)
 }
 
 /// Where the view comes from, and the node it is cut for.
@@ -553,6 +569,7 @@ fn is_nft_name(s: &str) -> bool {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::path::Path;
 
     #[derive(Parser)]
     struct Cli {
@@ -682,6 +699,85 @@ mod tests {
             "{err}"
         );
         parse(&["--tunnel-addr", "0.0.0.0:15020", "--no-tunnel"]).unwrap();
+    }
+
+    #[test]
+    fn a_remote_control_plane_needs_tls_and_a_readable_ca_bundle_for_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let ca_pem = certs::Ca::generate("cluster.local")
+            .unwrap()
+            .root_pem()
+            .to_owned();
+        std::fs::write(&ca, &ca_pem).unwrap();
+        let token = dir.path().join("token");
+        let (ca, token) = (ca.to_str().unwrap(), token.to_str().unwrap());
+        let dir_path = dir.path().to_str().unwrap();
+        let run = |extra: &[&str]| {
+            let mut args = vec!["--node", "n1", "--control-plane"];
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        let c = run(&[
+            "https://cp.nodeproxy-system.svc:15012",
+            "--control-plane-ca",
+            ca,
+            "--control-plane-token-file",
+            token,
+        ])
+        .unwrap();
+        let cp = c.control_plane.unwrap();
+        assert_eq!(cp.endpoint.ca_file.as_deref(), Some(Path::new(ca)));
+        // The dump names the bundle's file, not its contents.
+        let dump = serde_json::to_string(&cp).unwrap();
+        assert!(dump.contains(ca) && !dump.contains("BEGIN"), "{dump}");
+
+        // Each bad input is one error naming the value and the fix.
+        let cases: &[(&[&str], &[&str])] = &[
+            (
+                &["http://cp:15012", "--control-plane-token-file", token],
+                &[
+                    "http://cp:15012",
+                    "only over TLS",
+                    "https://",
+                    "--control-plane-ca",
+                ],
+            ),
+            (
+                &["https://cp:15012"],
+                &["https://cp:15012", "--control-plane-ca FILE"],
+            ),
+            (
+                &[
+                    "https://cp:15012",
+                    "--control-plane-ca",
+                    "/nonexistent/ca.pem",
+                ],
+                &["/nonexistent/ca.pem", "cannot read it", "CA certificate"],
+            ),
+            (
+                &["https://cp:15012", "--control-plane-ca", dir_path],
+                &[dir_path, "cannot read it"],
+            ),
+            (
+                &["http://cp:15012", "--control-plane-ca", ca],
+                &[ca, "use https://"],
+            ),
+            (&["cp:15012"], &["\"cp:15012\"", "https://host:port"]),
+        ];
+        for (flags, wants) in cases {
+            let err = run(flags).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{flags:?}: {err}");
+            for want in *wants {
+                assert!(err.0[0].contains(want), "{flags:?}: {want:?} not in {err}");
+            }
+        }
+        // A file that is there but holds no certificate.
+        std::fs::write(token, "not a certificate").unwrap();
+        let err = run(&["https://cp:15012", "--control-plane-ca", token]).unwrap_err();
+        assert!(err.to_string().contains("holds no CERTIFICATE"), "{err}");
+        // Plain text without a token is allowed (a control plane that refuses it will say so).
+        run(&["http://127.0.0.1:15012"]).unwrap();
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! Owns [`Discovery`]: a thread of its own (`np-discovery`) running the gRPC client, and, in
 //! standalone mode (`--config FILE` or the embedded view), the control plane server itself
-//! with the file source on `127.0.0.1:<ephemeral>` and a one-time bearer token. With
-//! `--control-plane URL` it connects to a remote control plane instead. The client keeps the
+//! with the file source on `127.0.0.1:<ephemeral>` and a one-time bearer token, in plain text
+//! (the token and the views never leave loopback and this process). With `--control-plane
+//! URL` it connects to a remote control plane instead, over TLS verified against
+//! `--control-plane-ca`. The client keeps the
 //! last good view when the control plane is unreachable and reconnects with backoff
 //! ([`controlplane::client`]); the caller waits for the first snapshot
 //! ([`Discovery::first_view`]) before it reports ready, then applies each later view
@@ -23,6 +25,7 @@ use anyhow::Context as _;
 use controlplane::auth::BootstrapTokens;
 use controlplane::client::{self, ClientConfig, Token, VersionedView};
 use controlplane::feed::{FileInput, Rereads};
+use controlplane::server::Transport;
 use controlplane::view::NodeView;
 use tokio::sync::watch;
 
@@ -72,9 +75,8 @@ impl Discovery {
         let _ = crate::metrics::handle();
         let (client_config, server, source) = match &config.control_plane {
             Some(cp) => {
-                let token = cp.token_file.clone().map_or(Token::None, Token::File);
-                let client = ClientConfig::new(&cp.endpoint, &config.node, token);
-                (client, None, Source::ControlPlane(cp.endpoint.clone()))
+                let client = ClientConfig::new(cp.endpoint.clone(), &config.node, cp.token());
+                (client, None, Source::ControlPlane(cp.endpoint.url.clone()))
             }
             None => {
                 let (input, source) = match &config.view {
@@ -131,6 +133,7 @@ impl Discovery {
                     Ok(listener) => {
                         let _server = controlplane::server::spawn_with_file_on(
                             listener,
+                            Transport::Plaintext,
                             input,
                             &trust_domain,
                             auth,

@@ -1,11 +1,14 @@
 //! The control plane over real sockets: the file-source server and the node client on
-//! loopback. A snapshot first, a delta after the file changes, a bad file that changes
-//! nothing, the last view kept while the server is gone, and Watch refused without a token or
-//! for another node. Absences are asserted only after a positive signal (a counted failure, a
-//! later update) shows the event that must not have caused anything has happened.
+//! loopback, over TLS with a serving certificate from a real CA that the clients trust through
+//! a bundle file, as a remote control plane runs. A snapshot first, a delta after the file
+//! changes, a bad file that changes nothing, the last view kept while the server is gone,
+//! Watch refused without a token or for another node, the daemon's signer certifying over TLS
+//! with its token file, health and reflection (v1 and v1alpha). Absences are asserted only
+//! after a positive signal (a counted failure, a later update) shows the event that must not
+//! have caused anything has happened.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +16,14 @@ use controlplane::api::discovery_client::DiscoveryClient;
 use controlplane::api::identity_client::IdentityClient;
 use controlplane::api::{CertifyRequest, NodeRequest};
 use controlplane::auth::BootstrapTokens;
-use controlplane::client::{self, Backoff, ClientConfig, DISCONNECTS_TOTAL, Token, VersionedView};
+use controlplane::client::{
+    self, Backoff, ClientConfig, DISCONNECTS_TOTAL, Target, Token, VersionedView,
+};
 use controlplane::feed::{FileInput, SOURCE_ERRORS_TOTAL};
+use controlplane::server::Transport;
 use nodeproxy::admin_client;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 
 const EXAMPLE: &str = include_str!("../../examples/authorization-policy.yaml");
 const TOKEN_A: &str = "node-a-token-0123456789";
@@ -24,14 +31,20 @@ const TOKEN_A: &str = "node-a-token-0123456789";
 /// A file-source control plane on loopback, on a runtime of its own: stopping it drops every
 /// task of the server (its listener, open connections and streams, the file watcher) at
 /// once, as a crash would. Aborting only the server's task on the test's runtime would leave
-/// open streams serving.
+/// open streams serving. It serves TLS with a certificate for 127.0.0.1 from its CA, whose
+/// certificate is in `target`'s bundle file; with `ca` set, Identity.Certify signs.
 struct Server {
-    endpoint: String,
+    target: Target,
+    ca: Arc<certs::Ca>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Server {
     fn start(path: &Path) -> Self {
+        Self::start_with(path, false)
+    }
+
+    fn start_with(path: &Path, certify: bool) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -39,21 +52,58 @@ impl Server {
             .unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let ca = Arc::new(certs::Ca::generate("cluster.local").unwrap());
+        let bundle = bundle_file(path, &ca);
+        let target = Target::new(
+            format!("https://{}", listener.local_addr().unwrap()),
+            Some(bundle),
+        );
+        let names = certs::ServingNames::parse(["127.0.0.1"]).unwrap();
+        let serving =
+            certs::ServingCert::new(ca.clone(), names, Duration::from_secs(3600)).unwrap();
+        let transport = Transport::Tls(serving.server_config().unwrap());
         let entered = runtime.enter();
         let auth = Arc::new(BootstrapTokens::single(TOKEN_A, Some("node-a".into())));
-        controlplane::server::spawn_with_file(
-            tokio::net::TcpListener::from_std(listener).unwrap(),
-            FileInput::Path(path.to_owned()),
-            "cluster.local",
-            auth,
-            Duration::from_millis(50),
-        );
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        if certify {
+            let (publisher, feed) = controlplane::feed::Publisher::new(
+                "cluster.local",
+                controlplane::view::Mode::Strict,
+            );
+            tokio::spawn(controlplane::feed::watch_file(
+                FileInput::Path(path.to_owned()),
+                publisher,
+                Duration::from_millis(50),
+            ));
+            tokio::spawn(controlplane::server::serve_on(
+                listener,
+                transport,
+                feed,
+                auth,
+                Some(ca.clone()),
+                std::future::pending(),
+            ));
+        } else {
+            controlplane::server::spawn_with_file(
+                listener,
+                transport,
+                FileInput::Path(path.to_owned()),
+                "cluster.local",
+                auth,
+                Duration::from_millis(50),
+            );
+        }
         drop(entered);
         Self {
-            endpoint,
+            target,
+            ca,
             runtime: Some(runtime),
         }
+    }
+
+    /// A channel to it over TLS, verified against its bundle.
+    async fn channel(&self) -> Channel {
+        self.target.connect(|e| e).await.unwrap()
     }
 
     /// Stops the server and everything it runs.
@@ -69,6 +119,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Writes `ca`'s certificate next to `beside`, as a node's CA bundle.
+fn bundle_file(beside: &Path, ca: &certs::Ca) -> PathBuf {
+    let path = beside.with_extension("ca.pem");
+    std::fs::write(&path, ca.root_pem()).unwrap();
+    path
 }
 
 /// Waits (with a deadline) until the published view satisfies `f`.
@@ -130,11 +187,14 @@ async fn snapshot_then_delta_after_a_file_change_and_the_last_view_survives_an_o
     let path = dir.path().join("view.yaml");
     std::fs::write(&path, EXAMPLE).unwrap();
     let mut server = Server::start(&path);
-    let endpoint = server.endpoint.clone();
 
     // The node client.
     let (tx, mut rx) = watch::channel(None);
-    let mut config = ClientConfig::new(&endpoint, "node-a", Token::Fixed(TOKEN_A.into()));
+    let mut config = ClientConfig::new(
+        server.target.clone(),
+        "node-a",
+        Token::Fixed(TOKEN_A.into()),
+    );
     config.backoff = Backoff {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(200),
@@ -146,7 +206,7 @@ async fn snapshot_then_delta_after_a_file_change_and_the_last_view_survives_an_o
     assert_eq!(first.view.tenants.len(), 2);
 
     // A raw stream shows the wire: a snapshot, then a delta.
-    let mut raw = DiscoveryClient::connect(endpoint.clone()).await.unwrap();
+    let mut raw = DiscoveryClient::new(server.channel().await);
     let mut stream = raw
         .watch(request("node-a", Some(TOKEN_A)))
         .await
@@ -224,8 +284,7 @@ async fn watch_is_refused_without_a_token_or_for_another_node_and_certify_is_uni
     let path = dir.path().join("view.yaml");
     std::fs::write(&path, EXAMPLE).unwrap();
     let server = Server::start(&path);
-    let endpoint = server.endpoint.clone();
-    let mut raw = DiscoveryClient::connect(endpoint.clone()).await.unwrap();
+    let mut raw = DiscoveryClient::new(server.channel().await);
 
     let err = raw.watch(request("node-a", None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
@@ -248,7 +307,7 @@ async fn watch_is_refused_without_a_token_or_for_another_node_and_certify_is_uni
         err.message()
     );
 
-    let mut identity = IdentityClient::connect(endpoint).await.unwrap();
+    let mut identity = IdentityClient::new(server.channel().await);
     let mut req = tonic::Request::new(CertifyRequest::default());
     req.metadata_mut().insert(
         "authorization",
@@ -271,13 +330,7 @@ async fn health_and_reflection_answer_like_for_grpcurl() {
     let path = dir.path().join("view.yaml");
     std::fs::write(&path, EXAMPLE).unwrap();
     let server = Server::start(&path);
-    let endpoint = server.endpoint.clone();
-
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -311,4 +364,49 @@ async fn health_and_reflection_answer_like_for_grpcurl() {
     ] {
         assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
     }
+}
+
+#[tokio::test]
+async fn the_daemons_signer_certifies_over_tls_with_its_token_file_and_never_in_clear() {
+    use certs::Signer as _;
+    use nodeproxy::tunnel::signer::GrpcSigner;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("view.yaml");
+    std::fs::write(&path, EXAMPLE).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN_A}\n")).unwrap();
+    let server = Server::start_with(&path, true);
+    // web-0 (shop/web) runs on node-a; node-a's token may ask for it.
+    let web = certs::test_util::identity("shop", "web");
+    let csr = || certs::ca::csr_from_pem(&certs::test_util::csr_pem(&web.to_string())).unwrap();
+
+    let signer = GrpcSigner::new(
+        server.target.clone(),
+        Some(token.clone()),
+        Duration::from_secs(600),
+    );
+    // The file source may not have published yet: until then the CA refuses (no such pod).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let signed = loop {
+        match signer.sign(&web, csr()).await {
+            Ok(signed) => break signed,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(certs::verify::spiffe_id_of(&signed.chain[0]).unwrap(), web);
+    assert_eq!(signed.trust_bundle, [server.ca.root().clone()]);
+
+    // The same signer over http:// refuses before it connects: the token never leaves.
+    let plain = GrpcSigner::new(
+        Target::from(server.target.url.replace("https://", "http://")),
+        Some(token),
+        Duration::from_secs(600),
+    );
+    let err = plain.sign(&web, csr()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("only over TLS") && err.contains("https://"),
+        "{err}"
+    );
 }

@@ -1,9 +1,10 @@
 //! The node's `Identity.Certify` client: a [`certs::Signer`] that sends a tenant's CSR to the
 //! remote control plane (`--control-plane URL`), authenticated with the node's bearer token.
 //!
-//! Owns [`GrpcSigner`]. The control plane authorizes the node (it signs only identities of the
-//! node's own pods) and answers with the chain and trust bundle in PEM; the CSR carries only a
-//! public key, so nothing secret crosses the wire.
+//! Owns [`GrpcSigner`]. It connects like the Watch client ([`controlplane::client::Target`]:
+//! TLS verified against `--control-plane-ca`, the token only over TLS). The control plane
+//! authorizes the node (it signs only identities of the node's own pods) and answers with the
+//! chain and trust bundle in PEM; the CSR carries only a public key.
 //!
 //! Must not touch: private keys (the CSR is built inside `certs`), the data path.
 
@@ -14,57 +15,47 @@ use certs::store::BoxFuture;
 use certs::{Identity, Signed, Signer};
 use controlplane::api::CertifyRequest;
 use controlplane::api::identity_client::IdentityClient;
+use controlplane::client::{ClientError, Target, Token};
 
 /// Signs through the control plane's `Identity.Certify`.
 #[derive(Debug, Clone)]
 pub struct GrpcSigner {
-    endpoint: String,
-    token_file: Option<PathBuf>,
+    endpoint: Target,
+    token: Token,
     validity: Duration,
 }
 
 impl GrpcSigner {
-    /// A signer calling `endpoint` (`http://host:15012`) with the token read from
-    /// `token_file` on every call (so a rotated projected token is picked up), asking for
-    /// certificates valid for `validity` (the CA may shorten it).
-    pub fn new(endpoint: String, token_file: Option<PathBuf>, validity: Duration) -> Self {
+    /// A signer calling `endpoint` (`https://host:15012` and its CA bundle) with the token
+    /// read from `token_file` on every call (so a rotated projected token is picked up),
+    /// asking for certificates valid for `validity` (the CA may shorten it).
+    pub fn new(endpoint: Target, token_file: Option<PathBuf>, validity: Duration) -> Self {
         Self {
             endpoint,
-            token_file,
+            token: token_file.map_or(Token::None, Token::File),
             validity,
         }
     }
 
     async fn certify(&self, identity: &Identity, csr: Vec<u8>) -> certs::Result<Signed> {
-        let fail = |what: String| certs::Error::Ca(format!("Certify at {}: {what}", self.endpoint));
-        let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-            .map_err(|e| fail(format!("bad endpoint ({e}); use http://host:port")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| fail(format!("cannot connect ({e})")))?;
+        let client = |e: ClientError| certs::Error::Ca(format!("Certify for {identity}: {e}"));
+        // The token must never cross plain text, whoever built this signer.
+        self.endpoint.check(&self.token).map_err(client)?;
         let mut request = tonic::Request::new(CertifyRequest {
             csr_pem: certs::ca::csr_to_pem(&csr),
             identity: identity.to_string(),
             validity_seconds: self.validity.as_secs(),
         });
-        if let Some(path) = &self.token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                fail(format!(
-                    "cannot read the token file {} ({e})",
-                    path.display()
-                ))
-            })?;
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                fail(format!(
-                    "the token in {} is not valid metadata text",
-                    path.display()
-                ))
-            })?;
-            request.metadata_mut().insert("authorization", value);
-        }
+        self.token.authorize(&mut request).map_err(client)?;
+        let channel = self
+            .endpoint
+            .connect(|e| {
+                e.connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(10))
+            })
+            .await
+            .map_err(client)?;
+        let fail = |what: String| certs::Error::Ca(format!("Certify at {}: {what}", self.endpoint));
         let response = IdentityClient::new(channel)
             .certify(request)
             .await
