@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use controlplane::client::Target;
 use nodeproxy::admin_client::metric_sum;
 use nodeproxy::lab::twonode::{Side, TwoNodes};
 use nodeproxy_tests::{
@@ -512,8 +513,9 @@ fn certificates_rotate_under_continuous_traffic_without_failures() {
 }
 
 /// Runs a control plane (see [`nodeproxy_tests::start_control_plane`]) on node A's underlay
-/// address, reachable from both nodes. Returns its endpoint; it stops with the test process.
-fn start_control_plane(t: &TwoNodes, view: &Path, tokens: &Path, ca: &Path, key: &Path) -> String {
+/// address, reachable from both nodes, speaking TLS. Returns its address and CA; it stops with
+/// the test process.
+fn start_control_plane(t: &TwoNodes, view: &Path, tokens: &Path, ca: &Path, key: &Path) -> Target {
     let files = ControlPlaneFiles {
         view,
         tokens,
@@ -542,31 +544,35 @@ fn start_daemon(t: &TwoNodes, side: Side, extra: &[&str]) -> Daemon {
     d
 }
 
-/// [`start_daemon`] with `--control-plane endpoint` and `token` (written to a file in `dir`).
+/// [`start_daemon`] with `--control-plane` (and its CA) and `token` (written to a file in `dir`).
 fn start_with_control_plane(
     t: &TwoNodes,
     side: Side,
-    endpoint: &str,
+    cp: &Target,
     dir: &Path,
     token: &str,
 ) -> Daemon {
     let token_file = dir.join(format!("{}.token", node_name(side)));
     std::fs::write(&token_file, token).unwrap();
+    let ca = cp.ca_file.as_deref().unwrap();
     start_daemon(
         t,
         side,
         &[
             "--control-plane",
-            endpoint,
+            &cp.url,
+            "--control-plane-ca",
+            ca.to_str().unwrap(),
             "--control-plane-token-file",
             token_file.to_str().unwrap(),
         ],
     )
 }
 
-/// Certify over real gRPC from inside node A's namespace, as `token`.
-fn certify(t: &TwoNodes, endpoint: &str, token: &str, identity: &str) -> Result<(), tonic::Status> {
-    let (endpoint, token, identity) = (endpoint.to_owned(), token.to_owned(), identity.to_owned());
+/// Certify over real gRPC (TLS, verified against the control plane's CA) from inside node A's
+/// namespace, as `token`.
+fn certify(t: &TwoNodes, cp: &Target, token: &str, identity: &str) -> Result<(), tonic::Status> {
+    let (cp, token, identity) = (cp.clone(), token.to_owned(), identity.to_owned());
     t.node(Side::A)
         .run(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -574,10 +580,8 @@ fn certify(t: &TwoNodes, endpoint: &str, token: &str, identity: &str) -> Result<
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut client =
-                    controlplane::api::identity_client::IdentityClient::connect(endpoint)
-                        .await
-                        .unwrap();
+                let channel = cp.connect(|endpoint| endpoint).await.unwrap();
+                let mut client = controlplane::api::identity_client::IdentityClient::new(channel);
                 let mut req = tonic::Request::new(controlplane::api::CertifyRequest {
                     csr_pem: certs::test_util::csr_pem(&identity),
                     identity,
@@ -606,19 +610,18 @@ fn tunnel_certificates_come_from_the_control_planes_node_authorizing_ca() {
     )
     .unwrap();
     let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
-    let endpoint = start_control_plane(&topo, &config, &tokens, &ca_cert, &ca_key);
+    let cp = start_control_plane(&topo, &config, &tokens, &ca_cert, &ca_key);
 
     // Node authorization over the wire: node-a may certify its own pod's identity only.
     poll("the control plane", Duration::from_secs(10), || {
-        certify(&topo, &endpoint, "token-of-node-a-0123456789", CLIENT).ok()
+        certify(&topo, &cp, "token-of-node-a-0123456789", CLIENT).ok()
     });
-    let refused = certify(&topo, &endpoint, "token-of-node-a-0123456789", SERVER).unwrap_err();
+    let refused = certify(&topo, &cp, "token-of-node-a-0123456789", SERVER).unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     assert!(refused.message().contains("node \"node-a\"") && refused.message().contains(SERVER));
 
-    let start = |side: Side, token: &str| {
-        start_with_control_plane(&topo, side, &endpoint, dir.path(), token)
-    };
+    let start =
+        |side: Side, token: &str| start_with_control_plane(&topo, side, &cp, dir.path(), token);
     let a = start(Side::A, "token-of-node-a-0123456789");
     let b = start(Side::B, "token-of-node-b-0123456789");
     let (_server, to_b) = echo_on_b(&topo);
@@ -682,11 +685,11 @@ fn sighup_under_a_remote_control_plane_leaves_every_tenant_serving() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "token-of-node-a-0123456789 node-a\n").unwrap();
     let (ca_cert, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
-    let endpoint = start_control_plane(&topo, &config, &tokens, &ca_cert, &ca_key);
+    let cp = start_control_plane(&topo, &config, &tokens, &ca_cert, &ca_key);
     let a = start_with_control_plane(
         &topo,
         Side::A,
-        &endpoint,
+        &cp,
         dir.path(),
         "token-of-node-a-0123456789",
     );
