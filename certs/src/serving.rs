@@ -209,7 +209,7 @@ impl ServingCert {
             )));
         }
         let first = issue(&ca, &names, lifetime)?;
-        tracing::info!(names = %names, not_after = ?first.not_after, "serving certificate issued");
+        tracing::info!(names = %names, valid_for = ?lifetime, "serving certificate issued");
         Ok(Arc::new(Self {
             ca,
             names,
@@ -284,7 +284,7 @@ impl ServingCert {
             match issue(&self.ca, &self.names, self.lifetime) {
                 Ok(next) => {
                     tracing::info!(
-                        names = %self.names, not_after = ?next.not_after,
+                        names = %self.names, valid_for = ?self.lifetime,
                         "serving certificate reissued"
                     );
                     *current = next;
@@ -293,7 +293,8 @@ impl ServingCert {
                 Err(e) => {
                     let retry = SERVING_RETRY.min(self.lifetime / 10);
                     tracing::warn!(
-                        names = %self.names, error = %e, not_after = ?current.not_after,
+                        names = %self.names, error = %e,
+                        expires_in = ?current.not_after.duration_since(now).unwrap_or_default(),
                         retry_in = ?retry,
                         "cannot reissue the serving certificate; keeping the current one"
                     );

@@ -219,7 +219,7 @@ fn transport(args: &ServeArgs, ca: Option<&Arc<certs::Ca>>) -> anyhow::Result<Tr
         certs::ServingCert::new(ca.clone(), names, certs::serving::DEFAULT_SERVING_LIFETIME)
             .context("cannot issue the serving certificate")?;
     tracing::info!(
-        listen = %args.listen, names = %serving.names(), ca = %ca_cert.display(),
+        listen = %args.listen, names = %serving.names(),
         "serving gRPC over TLS; nodes verify it with --control-plane-ca {}", ca_cert.display()
     );
     Ok(Transport::Tls(serving.server_config()?))
