@@ -22,20 +22,29 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 # `python3 -m venv` needs ensurepip, which Debian ships in python3-venv.
 [ -x "$VENV/bin/python" ] || python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+missing=()
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing tools: ${need[*]}; run this script as root, or: apt-get install -y ${need[*]}" >&2
-    exit 1
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    missing=("${need[@]}")
   fi
-  echo "installing: ${need[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if ! "$VENV/bin/python" -c "$PY_IMPORTS" >/dev/null 2>&1; then
+# The venv needs no root; it is made even when a system tool is missing (when python3-venv is
+# there), so that the unprivileged tests can run.
+if ! "$VENV/bin/python" -c "$PY_IMPORTS" >/dev/null 2>&1 &&
+   { [ -x "$VENV/bin/python" ] || python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }; then
   echo "installing into $VENV: ${PY_PACKAGES[*]}" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install --disable-pip-version-check -q "${PY_PACKAGES[@]}"
   "$VENV/bin/python" -c "$PY_IMPORTS"
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing tools: ${missing[*]}; run this script as root, or: apt-get install -y ${missing[*]}" >&2
+  exit 1
 fi
