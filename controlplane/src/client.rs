@@ -43,6 +43,10 @@ pub const CONFIG_LAST_UPDATE: &str = "nodeproxy_config_last_update_timestamp_sec
 /// Metric: streams to the control plane that broke or could not be opened (counter).
 pub const DISCONNECTS_TOTAL: &str = "nodeproxy_controlplane_disconnects_total";
 
+/// How long a TLS handshake with the control plane may take (the endpoint's connect timeout
+/// covers only the TCP connect).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A view and the control plane's version of it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VersionedView {
@@ -263,7 +267,11 @@ impl Target {
                 })?;
             let roots = load_bundle(path)?;
             endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().trust_anchors(roots.roots))
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .trust_anchors(roots.roots)
+                        .timeout(TLS_HANDSHAKE_TIMEOUT),
+                )
                 .map_err(|e| self.bad(e))?;
         }
         configure(endpoint)
@@ -316,6 +324,17 @@ impl Target {
             return ClientError::Tls {
                 url,
                 reason: explain_tls(tls, &bundle),
+            };
+        }
+        // tonic's handshake timeout is a private type: known by its message.
+        if chain.contains("TLS handshake timeout") {
+            return ClientError::Tls {
+                url,
+                reason: format!(
+                    "it accepted the connection but did not finish a TLS handshake within \
+                     {TLS_HANDSHAKE_TIMEOUT:?}: check that the address is the control plane's \
+                     TLS port and that it is not overloaded"
+                ),
             };
         }
         let refused =

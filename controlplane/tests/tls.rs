@@ -1,8 +1,9 @@
 //! The control-plane channel over TLS on loopback: the server's certificate from its CA, the
 //! node's client verifying it against a bundle file. A node with the bundle gets its view; a
 //! plain-text client gets an error and never a view; a certificate from another CA, an
-//! expired one, one for other names, a plain-text server and an address where nothing
-//! listens each fail with an error that names the cause and the fix.
+//! expired one, one for other names, a plain-text server, a server that never answers the
+//! handshake and an address where nothing listens each fail with an error that names the cause
+//! and the fix.
 #![cfg(feature = "server")]
 #![allow(clippy::unwrap_used)]
 
@@ -201,4 +202,34 @@ async fn a_certificate_for_other_names_a_plain_text_server_and_no_server_are_exp
         msg.contains(&format!("https://127.0.0.1:{port}")) && msg.contains("nothing listens there"),
         "{msg}"
     );
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_the_handshake_is_given_up_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = Bundle::new(dir.path(), "ca.pem");
+    // Accepts, reads, never answers: without a handshake timeout the client would wait forever.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(30), dial(port, &bundle.file))
+        .await
+        .expect("the client still waits after 30 s");
+    let msg = got.unwrap_err().to_string();
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        msg.contains("did not finish a TLS handshake within 10s") && msg.contains("TLS port"),
+        "{msg}"
+    );
+    hold.abort();
 }
