@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use controlplane::auth::{Authenticator, BootstrapTokens};
+use controlplane::auth::{
+    Authenticator, BootstrapTokens, DEFAULT_DAEMON_ACCOUNT, ServiceAccountRef,
+};
 use controlplane::feed::{FileInput, Publisher};
 use controlplane::kubernetes::{AUDIENCE, KubeSource, TokenReviewAuth};
 use controlplane::server::Transport;
@@ -64,6 +66,10 @@ struct ServeArgs {
     /// The audience nodes' projected service-account tokens must carry.
     #[arg(long, env = "NODEPROXY_CP_AUDIENCE", default_value = AUDIENCE)]
     audience: String,
+    /// The nodeproxy daemon's ServiceAccount, `<namespace>/<name>`: only tokens of its own
+    /// pods may speak for a node (TokenReview; any other pod's token is refused).
+    #[arg(long, env = "NODEPROXY_CP_DAEMON_SERVICE_ACCOUNT", default_value = DEFAULT_DAEMON_ACCOUNT)]
+    daemon_service_account: ServiceAccountRef,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "NODEPROXY_TRUST_DOMAIN", default_value = certs::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -173,7 +179,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 KubeSource::spawn(client.clone(), publisher);
                 let auth: Arc<dyn Authenticator> = match tokens {
                     Some(tokens) => Arc::new(tokens),
-                    None => Arc::new(TokenReviewAuth::new(client, args.audience.clone())),
+                    None => Arc::new(TokenReviewAuth::with_account(
+                        client,
+                        args.audience.clone(),
+                        args.daemon_service_account.clone(),
+                    )),
                 };
                 (auth, feed)
             }
