@@ -10,8 +10,10 @@
 //! and [`client`] (the node's Watch client, and [`client::Target`]: how every client reaches
 //! and verifies the control plane over TLS). With `server`: [`server`] (Discovery, Identity,
 //! health, reflection v1 and v1alpha, over TLS or, in-process, plain text), [`auth`]
-//! (bootstrap tokens), [`ca`] (Identity) and [`feed`] (publication and the file watcher). With `kube`: [`kubernetes`] (watchers, TokenReview,
-//! status conditions).
+//! (bootstrap tokens; the node-token rule: only the daemon's ServiceAccount speaks for a
+//! node), [`ca`] (`Identity.Certify`: signs only identities with a pod on the caller's node)
+//! and [`feed`] (publication and the file watcher). With `kube`: [`kubernetes`] (watchers,
+//! TokenReview, status conditions).
 //!
 //! Must not touch: the data path, the environment. Only this crate links `kube`, and only with
 //! its `kube` feature; the client and the file-source server work without it.
