@@ -20,7 +20,7 @@ use controlplane::view::Mode;
 
 /// The nodeproxy control plane.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "nodeproxy-controlplane", version, about)]
 struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "NODEPROXY_LOG", default_value = "info", global = true)]
