@@ -35,6 +35,17 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions (what manifests/crds/nodeproxy.io.yaml holds).
     Crds,
+    /// Generate the control plane's CA into two new files (the key with mode 0600) and exit;
+    /// loads and checks them instead if both exist, and never overwrites one. For the
+    /// `nodeproxy-ca` Secret and the `nodeproxy-ca-bundle` ConfigMap (docs/install.md).
+    CaInit {
+        /// Where the CA certificate (PEM) goes.
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// Where the CA key (PEM, PKCS#8) goes.
+        #[arg(long)]
+        ca_key: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -120,6 +131,11 @@ fn main() -> ExitCode {
         Some(Command::Crds) => controlplane::crd::crds_yaml()
             .map(|yaml| print!("{yaml}"))
             .context("cannot render the CRDs"),
+        Some(Command::CaInit { ca_cert, ca_key }) => {
+            certs::Ca::load_or_generate(&cli.serve.trust_domain, &ca_cert, &ca_key)
+                .map(|_| println!("CA ready: {} and {}", ca_cert.display(), ca_key.display()))
+                .context("cannot create the CA")
+        }
         None => serve(cli.serve),
     };
     match result {
