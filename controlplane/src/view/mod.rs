@@ -41,6 +41,8 @@ pub const MESH_LABEL: &str = "nodeproxy.io/mesh";
 
 /// The value of [`MESH_LABEL`] that opts in.
 pub const MESH_ENABLED: &str = "enabled";
+/// The value of [`MESH_LABEL`] that says, explicitly, that a namespace stays out.
+pub const MESH_DISABLED: &str = "disabled";
 
 /// The service account of a pod that names none (as Kubernetes does).
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -154,6 +156,32 @@ pub fn meshed_namespaces(objects: &Objects) -> BTreeSet<&str> {
         .collect()
 }
 
+/// A problem for every namespace whose [`MESH_LABEL`] is neither [`MESH_ENABLED`] nor
+/// [`MESH_DISABLED`] (a typo such as `Enabled` or `true`): its pods are not meshed, and the
+/// message says how to mesh them.
+fn mesh_label_problems(objects: &Objects) -> Vec<Problem> {
+    objects
+        .namespaces
+        .iter()
+        .filter_map(|ns| {
+            let value = ns.metadata.labels.as_ref()?.get(MESH_LABEL)?;
+            if value == MESH_ENABLED || value == MESH_DISABLED {
+                return None;
+            }
+            let name = ns.metadata.name.as_deref().unwrap_or("?");
+            Some(
+                Problem::new(format!(
+                    "label {MESH_LABEL}={value:?} is neither {MESH_ENABLED:?} nor {MESH_DISABLED:?}, \
+                     so the namespace's pods are not meshed; to mesh them: kubectl label namespace \
+                     {name} {MESH_LABEL}={MESH_ENABLED} --overwrite"
+                ))
+                .object(format!("Namespace {name}"))
+                .field(format!("metadata.labels[{MESH_LABEL}]")),
+            )
+        })
+        .collect()
+}
+
 /// The problems that would stop any node's view from being built (they do not depend on the
 /// node). Identity names are checked against the default trust domain.
 pub(crate) fn check(objects: &Objects) -> Vec<Problem> {
@@ -184,6 +212,7 @@ impl Cluster {
     pub fn translate(objects: &Objects, trust_domain: &str, mode: Mode) -> Self {
         let meshed = meshed_namespaces(objects);
         let (mut workloads, mut problems) = pods::translate(objects, &meshed, trust_domain, mode);
+        problems.extend(mesh_label_problems(objects));
         workloads.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
         let services = services::translate(objects, &meshed, &workloads);
         let policies = policies::translate(objects, &meshed, trust_domain, &mut problems);
@@ -360,5 +389,43 @@ mod tests {
         let err = NodeView::build(&objects, "n1", "Bad_Domain").unwrap_err();
         assert!(matches!(err, Error::TrustDomain { .. }), "{err:?}");
         assert!(err.to_string().contains("\"Bad_Domain\""), "{err}");
+    }
+
+    #[test]
+    fn a_mesh_label_with_another_value_is_a_problem_that_names_it_and_the_fix() {
+        let labelled = |name: &str, value: &str| {
+            let mut ns = namespace(name, false);
+            ns.metadata.labels = Some(BTreeMap::from([(MESH_LABEL.into(), value.into())]));
+            ns
+        };
+        let objects = objects(
+            vec![
+                labelled("on", MESH_ENABLED),
+                labelled("off", MESH_DISABLED),
+                labelled("typo", "Enabled"),
+            ],
+            vec![],
+        );
+        let cluster = Cluster::translate(&objects, "cluster.local", Mode::Lenient);
+        assert_eq!(cluster.meshed_namespaces(), ["on".to_owned()]);
+        let [problem] = cluster.problems.as_slice() else {
+            panic!("one problem expected: {:?}", cluster.problems)
+        };
+        assert_eq!(problem.object.as_deref(), Some("Namespace typo"));
+        assert!(
+            problem.message.contains("\"Enabled\""),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem
+                .message
+                .contains("kubectl label namespace typo nodeproxy.io/mesh=enabled --overwrite"),
+            "{}",
+            problem.message
+        );
+        // A file is strict: the typo is an error naming the namespace, not a silent opt-out.
+        let err = NodeView::build(&objects, "n1", "cluster.local").unwrap_err();
+        assert!(err.to_string().contains("Namespace typo"), "{err}");
     }
 }
