@@ -5,7 +5,7 @@
 //! `Failed`) and it does not use the host's network. Each meshed pod becomes a workload with
 //! a SPIFFE identity from its namespace and service account; a pod that cannot (no name, no
 //! node, a bad address or service account, an address another meshed pod has) is reported
-//! with the field to fix. Owns [`Workload`]; [`super::Cluster`] calls [`translate`].
+//! with the field to fix. Owns [`Workload`]; [`super::Cluster`] calls `translate`.
 //!
 //! Must not touch: services, policies, tenant settings (their modules read the workloads).
 

@@ -1,8 +1,8 @@
 //! Authorization policies: who may reach one port of some pods, and which local addresses
 //! that protects.
 //!
-//! Owns [`Policy`]. [`translate`] checks every `AuthorizationPolicy` (its port, the identities
-//! it allows) once for the cluster, leaving targets empty; [`for_workloads`] resolves one
+//! Owns [`Policy`]. `translate` checks every `AuthorizationPolicy` (its port, the identities
+//! it allows) once for the cluster, leaving targets empty; `for_workloads` resolves one
 //! policy's targets against one node's workloads (a policy protecting none of them is not
 //! part of that node's view).
 //!

@@ -2,7 +2,7 @@
 //!
 //! Owns [`Service`], [`ServicePort`], [`PortRef`] and [`Endpoint`]. A service's endpoints are
 //! the meshed workloads of its namespace that its selector matches (a service without a
-//! selector has none here: its endpoints are managed by hand). [`port_ref`] reads a
+//! selector has none here: its endpoints are managed by hand). `port_ref` reads a
 //! Kubernetes port (number or container port name), for services and policies alike.
 //!
 //! Must not touch: pods' meshing rules (it reads the workloads [`super::pods`] made).
