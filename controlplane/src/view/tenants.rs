@@ -1,9 +1,9 @@
 //! Tenants: the CPU weight and admission limits of each local tenant.
 //!
 //! Owns [`TenantSettings`], [`TenantLimits`] and [`tenant_settings`] (what one
-//! `TenantPolicy` asks for, checked). [`translate`] reads every `TenantPolicy` once for the
+//! `TenantPolicy` asks for, checked). `translate` reads every `TenantPolicy` once for the
 //! cluster (a second policy for the same tenant is a problem, not a merge);
-//! [`of_workloads`] gives every identity of one node's workloads its settings, or the
+//! `of_workloads` gives every identity of one node's workloads its settings, or the
 //! defaults when no policy names it.
 //!
 //! Must not touch: pods' meshing rules, policies.
