@@ -221,3 +221,12 @@ pub fn nodeproxy_bin() -> PathBuf {
     );
     bin
 }
+
+/// The sum of every sample of the counter `name` with `labels` in this process's own metrics
+/// recorder (the daemon's, installed on first use; in-process control planes record there too).
+pub fn local_counter(name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = nodeproxy::metrics::handle().render();
+    let scrape = nodeproxy::admin_client::parse_metrics(&text)
+        .expect("the recorder renders Prometheus text that parses");
+    nodeproxy::admin_client::metric_sum(&scrape, name, labels)
+}

@@ -21,7 +21,6 @@ use controlplane::client::{
 };
 use controlplane::feed::{FileInput, SOURCE_ERRORS_TOTAL};
 use controlplane::server::Transport;
-use nodeproxy::admin_client;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -147,12 +146,9 @@ async fn wait_for(
     }
 }
 
-/// The sum of every sample of the counter `name` in this process (the daemon's recorder,
-/// installed on first use, records the control plane's metrics too).
+/// The sum of every sample of the counter `name` in this process.
 fn counter(name: &str) -> f64 {
-    let text = nodeproxy::metrics::handle().render();
-    let scrape = admin_client::parse_metrics(&text).unwrap();
-    admin_client::metric_sum(&scrape, name, &[])
+    nodeproxy_tests::local_counter(name, &[])
 }
 
 /// Polls (with a deadline) until the counter `name` reaches `at_least`.

@@ -43,7 +43,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, CustomResourceExt as _};
-use nodeproxy::admin_client;
+use nodeproxy_tests::local_counter as counter;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -69,14 +69,6 @@ fn gate() -> PathBuf {
         missing.join(", ")
     );
     dir
-}
-
-/// The sum of every sample of the counter `name` in this process (the daemon's recorder,
-/// installed on first use, records the control plane's metrics too).
-fn counter(name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = nodeproxy::metrics::handle().render();
-    let scrape = admin_client::parse_metrics(&text).unwrap();
-    admin_client::metric_sum(&scrape, name, labels)
 }
 
 fn free_port() -> u16 {
